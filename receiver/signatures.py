@@ -1,0 +1,128 @@
+"""Verify DT's signatures of a delivery against the exact bytes received."""
+
+import hashlib
+import hmac
+import warnings
+from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import jwt
+
+from .errors import ForeignOrganizationError, SignatureError
+from .keys import SigningKeys
+
+SECRET_HEADER = "X-Dt-Signature"
+ASYMMETRIC_HEADER = "DT-Asymmetric-Signature"
+DT_ISSUER = "https://identity.disruptive-technologies.com/data-connector"
+
+# DT's tokens live an hour; a minute of leeway absorbs clock skew between DT and the dyno.
+LEEWAY_SECONDS = 60
+
+DIGESTS = {"checksum_sha256": hashlib.sha256, "checksum": hashlib.sha1}
+
+# Fixed reasons, never pyjwt's messages: those may quote parts of the token.
+TOKEN_FAULTS = (
+    (jwt.ExpiredSignatureError, "token has expired"),
+    (jwt.ImmatureSignatureError, "token is not valid yet"),
+    (jwt.InvalidAlgorithmError, "token algorithm is not allowed"),
+    (jwt.InvalidSignatureError, "signature does not verify"),
+    (jwt.MissingRequiredClaimError, "token lacks a required claim"),
+    (jwt.InvalidIssuerError, "token has the wrong issuer"),
+    (jwt.DecodeError, "token is not a valid JWT"),
+    (jwt.PyJWTError, "token has a malformed claim"),
+)
+
+# The receiver warns once at start-up about a short secret; pyjwt would warn on every decode.
+warnings.filterwarnings("ignore", category=jwt.InsecureKeyLengthWarning)
+
+
+@dataclass(frozen=True)
+class Verifier:
+    """Check every signature the configuration requires, for one delivery."""
+
+    secrets: Sequence[str] = ()
+    organization_id: str | None = None
+    keys: SigningKeys | None = None
+
+    def verify(self, headers: Mapping[str, str], body: bytes) -> None:
+        """Raise a DeliveryError unless every required signature holds for these bytes."""
+        if self.secrets:
+            verify_secret_token(required_header(headers, SECRET_HEADER), body, self.secrets)
+        if self.organization_id:
+            verify_asymmetric_token(
+                required_header(headers, ASYMMETRIC_HEADER), body, self.keys, self.organization_id
+            )
+
+
+def required_header(headers: Mapping[str, str], name: str) -> str:
+    """Return a header's value from a case-insensitive mapping, or reject the delivery."""
+    value = headers.get(name)
+    if not value:
+        raise SignatureError(f"missing {name} header")
+    return value
+
+
+def verify_secret_token(token: str, body: bytes, secrets: Sequence[str]) -> None:
+    """Check an HS256 token signed with any of the secrets and its checksums of the body."""
+    options = {"require": ["exp", "iat"]}
+    with reasons_for_token_faults():
+        for secret in secrets[:-1]:
+            try:
+                claims = jwt.decode(token, secret, algorithms=["HS256"], options=options, leeway=LEEWAY_SECONDS)
+                break
+            except jwt.InvalidSignatureError:
+                continue  # signed with a later secret of the rotation, perhaps
+        else:
+            claims = jwt.decode(token, secrets[-1], algorithms=["HS256"], options=options, leeway=LEEWAY_SECONDS)
+    verify_checksums(claims, body)
+
+
+def verify_asymmetric_token(token: str, body: bytes, keys: SigningKeys, organization_id: str) -> None:
+    """Check an ES256 token from DT's issuer for this organization and its checksum of the body."""
+    with reasons_for_token_faults():
+        key = keys.key_for(key_id(token))
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=["ES256"],
+            issuer=keys.issuer,
+            subject=organization_id,
+            options={"require": ["exp", "iat", "iss", "sub", "checksum_sha256"]},
+            leeway=LEEWAY_SECONDS,
+        )
+    verify_checksums(claims, body)
+
+
+def key_id(token: str) -> str:
+    """Return the `kid` a token names in its header."""
+    kid = jwt.get_unverified_header(token).get("kid")
+    if not isinstance(kid, str):
+        raise SignatureError("token names no signing key")
+    return kid
+
+
+@contextmanager
+def reasons_for_token_faults():
+    """Turn pyjwt's exceptions into a rejection with a short, fixed reason."""
+    try:
+        yield
+    except jwt.InvalidSubjectError:
+        raise ForeignOrganizationError("token is for another DT organization") from None
+    except jwt.PyJWTError as error:
+        reason = next(reason for fault, reason in TOKEN_FAULTS if isinstance(error, fault))
+        raise SignatureError(reason) from None
+
+
+def verify_checksums(claims: Mapping, body: bytes) -> None:
+    """Compare each checksum claim present with the body's digest, in constant time."""
+    present = [name for name in DIGESTS if name in claims]
+    if not present:
+        raise SignatureError("token has no checksum claim")
+    for name in present:
+        claimed = claims[name]
+        if not isinstance(claimed, str):
+            raise SignatureError(f"token's {name} is not a string")
+        actual = DIGESTS[name](body).hexdigest()
+        if not hmac.compare_digest(claimed.encode("utf-8", "surrogatepass"), actual.encode()):
+            raise SignatureError(f"body does not match the token's {name}")
