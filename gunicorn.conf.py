@@ -32,3 +32,7 @@ access_log_format = (
     'gunicorn method=%(m)s path="%(U)s" status=%(s)s duration=%(M)sms '
     'request_id=%({x-request-id}i)s fwd="%({x-forwarded-for}i)s" user_agent="%(a)s"'
 )
+
+# Gunicorn's control socket (gunicornc) is for admins on a shell; a dyno has none, and two
+# servers on one machine (tests, benchmarks) would fight over its path.
+control_socket_disable = True
