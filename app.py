@@ -42,12 +42,13 @@ def create_app(config: Mapping[str, str] | None = None) -> Flask:
 
 def configure_logging() -> None:
     """Send the receiver's log lines, one JSON object each, to stdout."""
-    if not log.handlers:
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if not any(handler.get_name() == "stdout" for handler in log.handlers):
         handler = logging.StreamHandler(sys.stdout)  # flushes after every line
+        handler.set_name("stdout")
         handler.setFormatter(JsonLineFormatter())
         log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
 
 
 class JsonLineFormatter(logging.Formatter):

@@ -107,7 +107,7 @@ def reasons_for_token_faults():
     """Turn pyjwt's exceptions into a rejection with a short, fixed reason."""
     try:
         yield
-    except jwt.InvalidSubjectError:
+    except jwt.exceptions.InvalidSubjectError:
         raise ForeignOrganizationError("token is for another DT organization") from None
     except jwt.PyJWTError as error:
         reason = next(reason for fault, reason in TOKEN_FAULTS if isinstance(error, fault))

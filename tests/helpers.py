@@ -1,0 +1,116 @@
+"""Signing and server helpers shared by the tests."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import jwt
+
+from receiver.sample import encode_body, sample_event, sign_body
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "test-signature-secret-0123456789abcdef"
+
+
+def signed_delivery(event: dict | None = None, secret: str = SECRET, now: float | None = None) -> tuple[bytes, dict]:
+    """Return a realistic body and the headers DT would send with it."""
+    body = encode_body(event or sample_event())
+    return body, {"Content-Type": "application/json", "X-Dt-Signature": sign_body(body, secret, now)}
+
+
+def token_with(claims: dict, secret: str = SECRET, algorithm: str = "HS256", headers: dict | None = None) -> str:
+    """Return an HS256 (or other) token with exactly these claims."""
+    return jwt.encode(claims, secret, algorithm=algorithm, headers=headers)
+
+
+def free_port() -> int:
+    """Return a TCP port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def procfile_command(process_type: str = "web") -> str:
+    """Return the command the Procfile gives for a process type."""
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        name, _, command = line.partition(":")
+        if name.strip() == process_type:
+            return command.strip()
+    raise LookupError(f"Procfile has no {process_type} process")
+
+
+class Server:
+    """The Procfile's web command, run by bash as Heroku runs it, on a loopback port, output to a file."""
+
+    def __init__(self, log_path: Path, **settings: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log_path = log_path
+        env = {key: value for key, value in os.environ.items() if not key.startswith(("DT_", "DATABASE_URL"))}
+        env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PORT=str(self.port),
+                   WEB_CONCURRENCY="2", PYTHONUNBUFFERED="1")
+        env.update(settings)
+        self.env = env
+        self.process = None
+
+    def start(self, wait: bool = True) -> "Server":
+        """Start the server (with a new session, so signals reach it the way Heroku sends them)."""
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(procfile_command(), shell=True, executable="bash", cwd=ROOT, env=self.env, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        if wait:
+            self.wait_until_up()
+        return self
+
+    def wait_until_up(self, seconds: float = 15) -> float:
+        """Wait for the first answer to GET /; return how long it took."""
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=1):
+                    return time.monotonic() - started
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"server did not answer within {seconds} s:\n{self.output()}")
+
+    def send_signal(self, signum: int) -> None:
+        """Send a signal to every process of the server, as Heroku does on shutdown."""
+        os.killpg(self.process.pid, signum)
+
+    def stop(self, signum: int = signal.SIGTERM, seconds: float = 30) -> int:
+        """Signal the server and wait for it to exit; return its exit status."""
+        if self.process.poll() is None:
+            self.send_signal(signum)
+        try:
+            return self.process.wait(seconds)
+        finally:
+            if self.process.poll() is None:
+                self.send_signal(signal.SIGKILL)
+                self.process.wait()
+
+    def post(self, body: bytes, headers: dict, timeout: float = 30) -> tuple[int, str]:
+        """POST to the server and return the status and text of the answer."""
+        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as answer:
+            return answer.code, answer.read().decode()
+
+    def output(self) -> str:
+        """Return everything the server printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def log_lines(self) -> list[dict]:
+        """Return the receiver's own JSON log lines."""
+        return [json.loads(line) for line in self.output().splitlines() if line.startswith("{")]

@@ -1,0 +1,185 @@
+"""The receiver through Flask's test client: what it accepts, logs and turns away."""
+
+import hashlib
+import time
+
+import pytest
+
+from app import MAX_BODY_BYTES, create_app
+from helpers import SECRET, signed_delivery, token_with
+from receiver.errors import ConfigError
+from receiver.sample import encode_body, sample_event
+
+
+def claims_for(body: bytes, **changes) -> dict:
+    """Return the claims DT would sign for a body, with some changed (None removes one)."""
+    now = int(time.time())
+    claims = {
+        "checksum": hashlib.sha1(body).hexdigest(),
+        "checksum_sha256": hashlib.sha256(body).hexdigest(),
+        "iat": now,
+        "exp": now + 3600,
+        "jti": "f0e1d2c3",
+    }
+    claims.update(changes)
+    return {name: value for name, value in claims.items() if value is not None}
+
+
+def test_signed_event_is_accepted_and_logged(client, log_lines):
+    """A correctly signed event gets 200 and one log line with its fields."""
+    event = sample_event("temperature", event_id="evt-accepted-1")
+    body, headers = signed_delivery(event)
+    answer = client.post("/", data=body, headers={**headers, "X-Request-Id": "req-42"})
+    assert (answer.status_code, answer.text) == (200, "logged\n")
+    [line] = log_lines()
+    assert line["msg"] == "event logged"
+    assert line["event_id"] == "evt-accepted-1"
+    assert line["event_type"] == "temperature"
+    assert line["device_id"] == "emuc2f3h2lbr9a5ks2vncg0"
+    assert line["project_id"] == "c0md3mm0c7bet3vico8g"
+    assert line["timestamp"] == event["event"]["timestamp"]
+    assert line["labels"] == event["labels"]
+    assert line["data"]["temperature"]["isBackfilled"] is False
+    assert line["request_id"] == "req-42"
+
+
+@pytest.mark.parametrize("name", ["x-dt-signature", "X-DT-SIGNATURE", "X-Dt-Signature"])
+def test_header_name_in_any_casing(client, name):
+    """The signature header is found whatever its casing."""
+    body, headers = signed_delivery()
+    assert client.post("/", data=body, headers={name: headers["X-Dt-Signature"]}).status_code == 200
+
+
+def test_unknown_event_type_and_extra_fields_pass_through(client, log_lines):
+    """A type DT adds later, and fields we do not know, are accepted and logged."""
+    event = sample_event("touch")
+    event["event"].update(eventType="quantumFlux", data={"quantumFlux": {"level": None}}, extra=[1, 2.5])
+    event["somethingNew"] = {"nested": True}
+    body, headers = signed_delivery(event)
+    assert client.post("/", data=body, headers=headers).status_code == 200
+    assert log_lines()[0]["event_type"] == "quantumFlux"
+
+
+def test_either_checksum_alone_is_enough(client):
+    """A token with only `checksum` or only `checksum_sha256` is accepted when it matches."""
+    body = encode_body(sample_event())
+    for only in ("checksum", "checksum_sha256"):
+        dropped = "checksum_sha256" if only == "checksum" else "checksum"
+        token = token_with(claims_for(body, **{dropped: None}))
+        assert client.post("/", data=body, headers={"X-Dt-Signature": token}).status_code == 200
+
+
+def test_known_answer_token(client):
+    """A token made once, outside this run, still verifies against the same bytes."""
+    body = b'{"event":{"eventId":"known-answer","eventType":"touch","targetName":"projects/p/devices/d"},"labels":{}}'
+    token = (
+        "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9."
+        "eyJjaGVja3N1bSI6IjkxYmUyNGZjYTU1MjdkMTE3YWZkNmU4NjQ2NGVhNWQ1ZTE4ZmFjY2YiLCJjaGVja3N1bV9zaGEyNTYiOiJlNmQ2"
+        "ZmVlMzI1ZjU1ODA2ZDUzMGUyYjFhNjAxNzBjM2RlMzJhMDgwNjkyMGQzYTY2OGYwMmRkNTQ4MjdjYTYyIiwiaWF0IjoxNzkzMDAwMDAw"
+        "LCJleHAiOjQxMDI0NDQ4MDAsImp0aSI6Imtub3duLWFuc3dlciJ9."
+        "4e-G6r18KMO990e7Df26CJl7LP7TJuu4wCh9JwjvVy0"
+    )
+    assert client.post("/", data=body, headers={"X-Dt-Signature": token}).status_code == 200
+
+
+BODY = encode_body(sample_event(event_id="evt-rejected"))
+
+REJECTIONS = [
+    # (case, headers, body, status, reason)
+    ("missing header", {}, BODY, 401, "missing X-Dt-Signature header"),
+    ("empty header", {"X-Dt-Signature": ""}, BODY, 401, "missing X-Dt-Signature header"),
+    ("not a JWT", {"X-Dt-Signature": "not-a-token"}, BODY, 401, "token is not a valid JWT"),
+    ("wrong secret", {"X-Dt-Signature": token_with(claims_for(BODY), secret="another-secret-0123456789abcdef0123")},
+     BODY, 401, "signature does not verify"),
+    ("alg none", {"X-Dt-Signature": token_with(claims_for(BODY), secret=None, algorithm="none")},
+     BODY, 401, "token algorithm is not allowed"),
+    ("alg HS512", {"X-Dt-Signature": token_with(claims_for(BODY), algorithm="HS512")},
+     BODY, 401, "token algorithm is not allowed"),
+    ("expired", {"X-Dt-Signature": token_with(claims_for(BODY, iat=int(time.time()) - 7200, exp=int(time.time()) - 3600))},
+     BODY, 401, "token has expired"),
+    ("issued in the future", {"X-Dt-Signature": token_with(claims_for(BODY, iat=int(time.time()) + 600))},
+     BODY, 401, "token is not valid yet"),
+    ("no exp", {"X-Dt-Signature": token_with(claims_for(BODY, exp=None))}, BODY, 401, "token lacks a required claim"),
+    ("no checksum claims", {"X-Dt-Signature": token_with(claims_for(BODY, checksum=None, checksum_sha256=None))},
+     BODY, 401, "token has no checksum claim"),
+    ("numeric checksum", {"X-Dt-Signature": token_with(claims_for(BODY, checksum=12345))},
+     BODY, 401, "token's checksum is not a string"),
+    ("list checksum_sha256", {"X-Dt-Signature": token_with(claims_for(BODY, checksum_sha256=["a"]))},
+     BODY, 401, "token's checksum_sha256 is not a string"),
+    ("one byte changed", {"X-Dt-Signature": token_with(claims_for(BODY))}, BODY.replace(b"evt-rejected", b"evt-rejectee"),
+     401, "body does not match the token's checksum_sha256"),
+    ("trailing whitespace", {"X-Dt-Signature": token_with(claims_for(BODY))}, BODY + b"\n",
+     401, "body does not match the token's checksum_sha256"),
+    ("sha256 right, sha1 wrong", {"X-Dt-Signature": token_with(claims_for(BODY, checksum="0" * 40))},
+     BODY, 401, "body does not match the token's checksum"),
+    ("sha1 right, sha256 wrong", {"X-Dt-Signature": token_with(claims_for(BODY, checksum_sha256="0" * 64))},
+     BODY, 401, "body does not match the token's checksum_sha256"),
+    ("signed body not JSON", {"X-Dt-Signature": token_with(claims_for(b"hello"))}, b"hello", 400, "body is not UTF-8 JSON"),
+    ("signed JSON array", {"X-Dt-Signature": token_with(claims_for(b"[1]"))}, b"[1]", 400, "body is not a DT event: no event.eventId"),
+    ("eventId not a string", {"X-Dt-Signature": token_with(claims_for(b'{"event":{"eventId":7}}'))},
+     b'{"event":{"eventId":7}}', 400, "body is not a DT event: no event.eventId"),
+]
+
+
+@pytest.mark.parametrize("case, headers, body, status, reason", REJECTIONS, ids=[row[0] for row in REJECTIONS])
+def test_rejection(client, log_lines, case, headers, body, status, reason):
+    """Each kind of bad delivery gets its 4xx, a short reason and one log line, and no secret is logged."""
+    answer = client.post("/", data=body, headers=headers)
+    assert (answer.status_code, answer.text) == (status, reason + "\n")
+    [line] = log_lines()
+    assert (line["msg"], line["status"], line["reason"]) == ("request rejected", status, reason)
+    logged = str(log_lines())
+    assert SECRET not in logged
+    assert all(value not in logged for value in headers.values() if value)
+
+
+def test_body_over_the_limit_is_413(client, log_lines):
+    """A body larger than the limit is refused before it is read."""
+    body = b" " * (MAX_BODY_BYTES + 1)
+    answer = client.post("/", data=body, headers={"X-Dt-Signature": token_with(claims_for(body))})
+    assert answer.status_code == 413
+    assert answer.text == f"body is larger than {MAX_BODY_BYTES} bytes\n"
+    assert [line["status"] for line in log_lines()] == [413]
+
+
+def test_get_shows_the_receiver_is_up(client):
+    """Opening the app in a browser shows a one-line hint."""
+    answer = client.get("/")
+    assert answer.status_code == 200
+    assert "receiver is up" in answer.text
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH"])
+def test_other_methods_are_405(client, method):
+    """Methods other than GET and POST are refused, naming the allowed ones."""
+    answer = client.open("/", method=method)
+    assert answer.status_code == 405
+    assert set(answer.headers["Allow"].split(", ")) >= {"GET", "POST"}
+
+
+def test_start_without_any_verification_setting_fails():
+    """With neither setting, the app refuses to build and names both variables."""
+    with pytest.raises(ConfigError, match="DT_SIGNATURE_SECRET.*DT_ORGANIZATION_ID"):
+        create_app({})
+    with pytest.raises(ConfigError, match="DT_SIGNATURE_SECRET"):
+        create_app({"DT_SIGNATURE_SECRET": ""})
+
+
+def test_short_secret_warns_once_at_start(make_app, log_lines):
+    """A short secret is reported once when the app starts, not on every request."""
+    app = make_app(DT_SIGNATURE_SECRET="short")
+    client = app.test_client()
+    for _ in range(3):
+        body, headers = signed_delivery(secret="short")
+        assert client.post("/", data=body, headers=headers).status_code == 200
+    warnings = [line for line in log_lines() if line["level"] == "warning"]
+    assert [line["msg"] for line in warnings] == ["DT_SIGNATURE_SECRET is shorter than 32 bytes: use a longer random secret"]
+
+
+def test_previous_secret_is_accepted_during_rotation(make_app):
+    """Tokens signed with the current or the previous secret pass; a third secret does not."""
+    previous = "previous-signature-secret-0123456789abcdef"
+    client = make_app(DT_SIGNATURE_SECRET_PREVIOUS=previous).test_client()
+    for secret, status in ((SECRET, 200), (previous, 200), ("a-third-secret-0123456789abcdef0123456789", 401)):
+        body, headers = signed_delivery(secret=secret)
+        assert client.post("/", data=body, headers=headers).status_code == status

@@ -1,0 +1,64 @@
+"""The Procfile's web command, run for real on a loopback port and driven over HTTP."""
+
+import signal
+import socket
+import subprocess
+import time
+
+from helpers import ROOT, SECRET, Server, procfile_command, signed_delivery
+from receiver.sample import sample_event
+
+
+def test_signed_event_through_the_procfile_server(start_server):
+    """A signed event gets 200 and its log line; an unsigned one gets 401 and a line saying why."""
+    server = start_server(DT_SIGNATURE_SECRET=SECRET)
+    body, headers = signed_delivery(sample_event(event_id="e2e-1"))
+    assert server.post(body, {**headers, "X-Request-Id": "router-7"}) == (200, "logged\n")
+    assert server.post(body, {}) == (401, "missing X-Dt-Signature header\n")
+    lines = server.log_lines()
+    [accepted] = [line for line in lines if line["msg"] == "event logged"]
+    assert (accepted["event_id"], accepted["request_id"]) == ("e2e-1", "router-7")
+    [rejected] = [line for line in lines if line["msg"] == "request rejected"]
+    assert rejected["reason"] == "missing X-Dt-Signature header"
+    assert 'status=200' in server.output() and 'request_id=router-7' in server.output()
+    assert SECRET not in server.output() and headers["X-Dt-Signature"] not in server.output()
+
+
+def test_start_without_secret_fails_at_once(tmp_path):
+    """Without any verification setting the server exits non-zero, naming the variables, and never listens."""
+    server = Server(tmp_path / "server.log")
+    started = time.monotonic()
+    completed = subprocess.run(procfile_command(), shell=True, executable="bash", cwd=ROOT, env=server.env, capture_output=True,
+                               text=True, timeout=30)
+    assert completed.returncode != 0
+    assert "DT_SIGNATURE_SECRET" in completed.stderr and "DT_ORGANIZATION_ID" in completed.stderr
+    assert "Traceback" not in completed.stderr
+    assert time.monotonic() - started < 10
+
+
+def test_short_secret_warns_once_at_start(start_server):
+    """A short secret gives one warning line at boot and nothing more per request."""
+    server = start_server(DT_SIGNATURE_SECRET="short")
+    for _ in range(4):
+        assert server.post(*signed_delivery(secret="short"))[0] == 200
+    warnings = [line for line in server.log_lines() if line["level"] == "warning"]
+    assert len(warnings) == 1 and "shorter than 32 bytes" in warnings[0]["msg"]
+    assert "InsecureKeyLengthWarning" not in server.output()
+
+
+def test_sigterm_lets_an_in_flight_request_finish(start_server):
+    """A request whose body is still arriving when SIGTERM comes is answered 200 before the server exits."""
+    server = start_server(DT_SIGNATURE_SECRET=SECRET)
+    body, headers = signed_delivery(sample_event(event_id="in-flight"))
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as connection:
+        connection.sendall(f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{head}\r\n".encode())
+        connection.sendall(body[:10])
+        time.sleep(0.3)
+        server.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        connection.sendall(body[10:])
+        answer = connection.recv(65536).decode()
+    assert answer.startswith("HTTP/1.1 200")
+    assert server.process.wait(25) == 0
+    assert any(line.get("event_id") == "in-flight" for line in server.log_lines())
