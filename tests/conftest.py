@@ -1,13 +1,20 @@
 """Fixtures: the app built from a mapping, its log lines, and real servers."""
 
 import io
+import itertools
 import json
 import logging
 import os
+import re
 
+import psycopg
 import pytest
+from psycopg import sql
 
 from helpers import SECRET, Server
+from postgres import PostgresServer, server_programs
+
+DATABASE_NUMBERS = itertools.count()
 
 # app.py builds its module-level `app` from the environment when it is imported.
 os.environ.setdefault("DT_SIGNATURE_SECRET", SECRET)
@@ -58,3 +65,27 @@ def start_server(tmp_path):
     yield start
     for server in servers:
         server.stop(seconds=30)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """Return a running PostgreSQL server of the tests' own, or skip (fail in CI) without one."""
+    programs = server_programs()
+    if programs is None:
+        message = "PostgreSQL's server programs (initdb, pg_ctl) were not found: install PostgreSQL or set PG_BINDIR"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    server = PostgresServer(programs)
+    server.start()
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+def database_url(postgres, request):
+    """Return the URL of a new, empty database for this test."""
+    name = "t_" + re.sub(r"\W", "_", request.node.name.lower())[:50] + f"_{next(DATABASE_NUMBERS)}"
+    with psycopg.connect(postgres.url(), autocommit=True) as connection:
+        connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return postgres.url(name)

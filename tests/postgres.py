@@ -1,0 +1,59 @@
+"""A throwaway PostgreSQL server the tests own, so they can stop, crash and restart it."""
+
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from helpers import free_port
+
+
+def server_programs() -> Path | None:
+    """Return the folder holding initdb and pg_ctl: PG_BINDIR, PATH, or Debian's place."""
+    candidates = [os.environ.get("PG_BINDIR", "")]
+    if shutil.which("pg_ctl"):
+        candidates.append(str(Path(shutil.which("pg_ctl")).parent))
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    return next((Path(path) for path in candidates if path and (Path(path) / "initdb").exists()), None)
+
+
+class PostgresServer:
+    """One PostgreSQL cluster in a temporary folder, listening on a free loopback port."""
+
+    def __init__(self, programs: Path):
+        self.programs = programs
+        self.port = free_port()
+        self.folder = Path(tempfile.mkdtemp(prefix="dt-receiver-pg-"))
+        self.data = self.folder / "data"
+        # PostgreSQL refuses to run as root; the postgres account that its package makes will do.
+        self.run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.run_as:
+            account = pwd.getpwnam("postgres")
+            os.chown(self.folder, account.pw_uid, account.pw_gid)
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+
+    def url(self, database: str = "postgres") -> str:
+        """Return the URL of a database on this server."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder} -c max_connections=200"
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.folder / "server.log"), "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server: `fast` as a restart does, `immediate` as a crash does."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def remove(self) -> None:
+        """Stop the server if it runs and delete its files."""
+        subprocess.run([*self.run_as, str(self.programs / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _run(self, program: str, *arguments: str) -> None:
+        subprocess.run([*self.run_as, str(self.programs / program), *arguments], check=True, capture_output=True,
+                       cwd=self.folder)

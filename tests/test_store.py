@@ -1,0 +1,159 @@
+"""The Postgres sink against a real server: rows, duplicates, outages and crashes."""
+
+import signal
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg
+import pytest
+
+from helpers import SECRET, signed_delivery
+from receiver.sample import encode_body, sample_event, sign_body
+
+
+def rows(database_url: str, query: str = "SELECT * FROM dt_events ORDER BY event_id", *params) -> list[dict]:
+    """Return the rows a query finds, as dicts."""
+    with psycopg.connect(database_url, row_factory=psycopg.rows.dict_row) as connection:
+        return connection.execute(query, params).fetchall()
+
+
+def test_stored_row_matches_the_event(make_app, database_url, log_lines):
+    """A verified event is committed with its columns and whole body before the 200."""
+    client = make_app(DATABASE_URL=database_url).test_client()
+    event = sample_event("temperature", event_id="row-1")
+    body, headers = signed_delivery(event)
+    answer = client.post("/", data=body, headers=headers)
+    assert (answer.status_code, answer.text) == (200, "stored\n")
+    [row] = rows(database_url)
+    assert (row["event_id"], row["event_type"], row["device_id"], row["project_id"]) == (
+        "row-1", "temperature", "emuc2f3h2lbr9a5ks2vncg0", "c0md3mm0c7bet3vico8g")
+    assert row["event_time"].isoformat().replace("+00:00", "Z") == event["event"]["timestamp"]
+    assert row["labels"] == event["labels"]
+    assert row["event"] == event
+    assert row["received_at"] is not None
+    assert [line["msg"] for line in log_lines()] == ["event stored"]
+
+
+def test_heroku_style_url_works(make_app, database_url):
+    """DATABASE_URL in Heroku's postgres:// form is accepted as it is."""
+    client = make_app(DATABASE_URL=database_url.replace("postgresql://", "postgres://")).test_client()
+    assert client.post("/", data=(delivery := signed_delivery())[0], headers=delivery[1]).text == "stored\n"
+
+
+def test_duplicate_stores_nothing_new_and_answers_200(make_app, database_url, log_lines):
+    """A redelivered event id answers 200, says duplicate in its log line and leaves one row."""
+    client = make_app(DATABASE_URL=database_url).test_client()
+    event = sample_event(event_id="dup-1")
+    for _ in range(2):
+        body, headers = signed_delivery(event)  # a new token each attempt, as DT does
+        assert client.post("/", data=body, headers=headers).status_code == 200
+    assert [line["msg"] for line in log_lines()] == ["event stored", "event duplicate"]
+    assert len(rows(database_url)) == 1
+
+
+def test_concurrent_duplicates_on_two_servers_leave_one_row(start_server, database_url):
+    """The same event racing on two servers (two dynos, two workers each) is stored once."""
+    servers = [start_server(DT_SIGNATURE_SECRET=SECRET, DATABASE_URL=database_url) for _ in range(2)]
+    body, headers = signed_delivery(sample_event(event_id="race-1"))
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda n: servers[n % 2].post(body, headers), range(32)))
+    assert sorted(answers).count((200, "stored\n")) == 1
+    assert sorted(answers).count((200, "duplicate\n")) == 31
+    assert len(rows(database_url)) == 1
+
+
+def test_schema_has_the_indexes_users_query_by(make_app, database_url):
+    """The table is created on first use, with indexes for device-over-time and latest-per-type queries."""
+    client = make_app(DATABASE_URL=database_url).test_client()
+    client.post("/", data=(delivery := signed_delivery())[0], headers=delivery[1])
+    indexes = {row["indexdef"].split(" USING btree ")[1] for row in rows(
+        database_url, "SELECT indexdef FROM pg_indexes WHERE tablename = 'dt_events'")}
+    assert indexes == {"(event_id)", "(device_id, event_time DESC NULLS LAST)",
+                       "(device_id, event_type, event_time DESC NULLS LAST)", "(event_time DESC NULLS LAST)"}
+
+
+def test_event_postgres_cannot_hold_is_422(make_app, database_url, log_lines):
+    """A signed event with a \\u0000 escape, which jsonb refuses, gets 422 and a log line, not 500."""
+    client = make_app(DATABASE_URL=database_url).test_client()
+    body = encode_body(sample_event(event_id="nul-1")).replace(b'"name":"', b'"name":"\\u0000', 1)
+    answer = client.post("/", data=body, headers={"X-Dt-Signature": sign_body(body, SECRET)})
+    assert (answer.status_code, answer.text) == (422, "event holds text PostgreSQL cannot store\n")
+    assert log_lines()[-1]["status"] == 422
+
+
+def test_events_command_lists_and_filters(make_app, database_url):
+    """`flask events` lists the newest stored events, by device or type."""
+    app = make_app(DATABASE_URL=database_url)
+    client = app.test_client()
+    for event_type, device in (("temperature", "dev-a"), ("touch", "dev-a"), ("touch", "dev-b")):
+        event = sample_event(event_type, device_id=device)
+        client.post("/", data=(delivery := signed_delivery(event))[0], headers=delivery[1])
+        time.sleep(0.01)  # distinct timestamps
+    runner = app.test_cli_runner()
+    listed = runner.invoke(args=["events"]).output.splitlines()
+    assert [line.split()[1:3] for line in listed] == [["dev-b", "touch"], ["dev-a", "touch"], ["dev-a", "temperature"]]
+    assert len(runner.invoke(args=["events", "--device", "dev-a"]).output.splitlines()) == 2
+    assert len(runner.invoke(args=["events", "--type", "touch", "--limit", "1"]).output.splitlines()) == 1
+    assert '"value": 21.45' in listed[2]
+
+
+def test_events_command_without_database_says_so(make_app):
+    """Without DATABASE_URL the listing command explains why it has nothing to show."""
+    result = make_app().test_cli_runner().invoke(args=["events"])
+    assert result.exit_code != 0 and "DATABASE_URL is not set" in result.output
+
+
+def test_database_outage_gives_503_then_recovers_without_restart(start_server, postgres, database_url):
+    """With the database stopped the server answers 503 quickly; once it is back, 200 again."""
+    server = start_server(DT_SIGNATURE_SECRET=SECRET, DATABASE_URL=database_url)
+    assert server.post(*signed_delivery())[0] == 200
+    postgres.stop("fast")
+    try:
+        started = time.monotonic()
+        status, reason = server.post(*signed_delivery(sample_event(event_id="during-outage")))
+        assert status == 503 and reason.startswith("database")
+        assert time.monotonic() - started < 15
+    finally:
+        postgres.start()
+    deadline = time.monotonic() + 30
+    while (status := server.post(*signed_delivery(sample_event(event_id="during-outage")))[0]) != 200:
+        assert status == 503 and time.monotonic() < deadline
+        time.sleep(0.5)
+    assert [row["event_id"] for row in rows(database_url, "SELECT event_id FROM dt_events WHERE event_id = %s",
+                                            "during-outage")] == ["during-outage"]
+    assert any(line.get("status") == 503 for line in server.log_lines())
+
+
+def test_unreachable_database_at_start_still_serves_503(start_server, postgres):
+    """A server whose database does not answer yet starts, and says 503 with Retry-After."""
+    server = start_server(DT_SIGNATURE_SECRET=SECRET, DATABASE_URL=f"postgresql://postgres@127.0.0.1:{postgres.port + 1}/x")
+    body, headers = signed_delivery()
+    request = urllib.request.Request(server.url, data=body, headers=headers, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(request, timeout=30)
+    assert answer.value.code == 503 and answer.value.headers["Retry-After"] == "10"
+
+
+def test_sigkill_and_restart_lose_nothing_acknowledged(start_server, database_url):
+    """Every event answered 200 before the server was killed is stored; resent ones are not doubled."""
+    server = start_server(DT_SIGNATURE_SECRET=SECRET, DATABASE_URL=database_url)
+    acknowledged = [f"kill-{n}" for n in range(20) if server.post(*signed_delivery(sample_event(event_id=f"kill-{n}")))[0] == 200]
+    server.stop(signal.SIGKILL)
+    server = start_server(DT_SIGNATURE_SECRET=SECRET, DATABASE_URL=database_url)
+    answers = [server.post(*signed_delivery(sample_event(event_id=f"kill-{n}")))[1] for n in range(25)]
+    assert answers == ["duplicate\n"] * 20 + ["stored\n"] * 5
+    assert len(acknowledged) == 20
+    assert [row["event_id"] for row in rows(database_url)] == sorted(f"kill-{n}" for n in range(25))
+
+
+def test_sigterm_closes_every_database_connection(start_server, postgres, database_url):
+    """After SIGTERM no connection of the receiver stays open on the server."""
+    server = start_server(DT_SIGNATURE_SECRET=SECRET, DATABASE_URL=database_url, WEB_THREADS="4")
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: server.post(*signed_delivery()), range(40)))
+    count = "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'dt-receiver'"
+    assert 2 <= rows(postgres.url(), count)[0]["n"] <= 8  # one pool per worker, at most a connection per thread
+    assert server.stop(signal.SIGTERM) == 0
+    assert rows(postgres.url(), count)[0]["n"] == 0
