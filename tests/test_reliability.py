@@ -1,0 +1,112 @@
+"""Play DT against the receiver while it and its database are restarted and crashed underneath."""
+
+import itertools
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg
+
+from helpers import SECRET, signed_delivery
+from receiver.sample import sample_event
+
+EVENTS = 3000
+CONCURRENCY = 16
+FIRST_RETRY_SECONDS = 0.1  # DT waits 8 s, doubling up to an hour; scaled down to keep the test short
+LONGEST_RETRY_SECONDS = 2.0
+TIME_LIMIT_SECONDS = 240
+
+
+class DataConnector:
+    """Deliver events at least once, retrying every failure with exponential back-off, as DT does."""
+
+    def __init__(self, server, database_url):
+        self.server = server
+        self.database_url = database_url
+        self.deliveries = 0
+        self.retries = 0
+        self.answers = Counter()  # (event id, answer text) for every 200
+        self.unconfirmed = []  # acknowledged while the database could not be asked
+        self.acknowledged_but_absent = []
+        self._lock = threading.Lock()
+
+    def deliver(self, event_id: str) -> None:
+        """Deliver one event until it is acknowledged, then check it was committed by then."""
+        wait = FIRST_RETRY_SECONDS
+        for attempt in itertools.count():
+            with self._lock:
+                self.deliveries += 1
+                self.retries += attempt > 0
+            try:
+                status, text = self.server.post(*signed_delivery(sample_event(event_id=event_id)), timeout=10)
+            except OSError:
+                status, text = None, ""
+            if status == 200:
+                break
+            time.sleep(wait * random.uniform(0.5, 1.0))
+            wait = min(wait * 2, LONGEST_RETRY_SECONDS)
+        with self._lock:
+            self.answers[event_id, text] += 1
+        self._confirm_committed(event_id)
+
+    def _confirm_committed(self, event_id: str) -> None:
+        try:
+            with psycopg.connect(self.database_url, connect_timeout=2) as connection:
+                found = connection.execute("SELECT 1 FROM dt_events WHERE event_id = %s", (event_id,)).fetchone()
+        except psycopg.OperationalError:
+            with self._lock:
+                self.unconfirmed.append(event_id)
+            return
+        if not found:
+            with self._lock:
+                self.acknowledged_but_absent.append(event_id)
+
+
+def make_trouble(server, postgres, until: threading.Event) -> list[str]:
+    """Restart and crash the receiver and the database in turn until told to stop; return what was done."""
+    actions = {
+        "receiver SIGTERM": lambda: (server.stop(signal.SIGTERM), server.start()),
+        "receiver SIGKILL": lambda: (server.stop(signal.SIGKILL), server.start()),
+        "database restart": lambda: (postgres.stop("fast"), time.sleep(0.5), postgres.start()),
+        "database crash": lambda: (postgres.stop("immediate"), time.sleep(0.5), postgres.start()),
+    }
+    done = []
+    for name in itertools.cycle(actions):
+        if until.wait(1.0):
+            return done
+        actions[name]()
+        done.append(name)
+
+
+def test_every_event_stored_exactly_once_through_restarts(start_server, postgres, database_url, capsys):
+    """Thousands of events, delivered with retries through restarts and crashes, are all stored once."""
+    server = start_server(DT_SIGNATURE_SECRET=SECRET, DATABASE_URL=database_url)
+    connector = DataConnector(server, database_url)
+    finished = threading.Event()
+    trouble = ThreadPoolExecutor(1).submit(make_trouble, server, postgres, finished)
+    started = time.monotonic()
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        list(pool.map(connector.deliver, (f"reliability-{n:05d}" for n in range(EVENTS)), timeout=TIME_LIMIT_SECONDS))
+    finished.set()
+    actions = trouble.result(timeout=60)
+    elapsed = time.monotonic() - started
+
+    with psycopg.connect(database_url) as connection:
+        stored = [row[0] for row in connection.execute("SELECT event_id FROM dt_events")]
+    stored_answers = Counter(event_id for (event_id, text) in connector.answers if text == "stored\n")
+    lost = EVENTS - len(set(stored))
+    stored_twice = sum(1 for count in stored_answers.values() if count > 1)
+    late_confirmed_absent = [event_id for event_id in connector.unconfirmed if event_id not in set(stored)]
+    with capsys.disabled():
+        print(f"\nreliability: {EVENTS} events sent, {connector.deliveries} deliveries, {connector.retries} retries, "
+              f"{len(stored)} rows stored, {lost} lost, {len(stored) - len(set(stored))} duplicated rows, "
+              f"{stored_twice} stored twice, {len(connector.acknowledged_but_absent)} acknowledged before commit; "
+              f"{len(actions)} disruptions ({', '.join(sorted(Counter(actions)))}) in {elapsed:.1f} s")
+    assert len(stored) == len(set(stored)) == EVENTS
+    assert lost == stored_twice == 0
+    assert connector.acknowledged_but_absent == late_confirmed_absent == []
+    assert set(Counter(actions)) == {"receiver SIGTERM", "receiver SIGKILL", "database restart", "database crash"}
+    assert connector.retries > 0
