@@ -12,6 +12,7 @@ import pytest
 from psycopg import sql
 
 from helpers import SECRET, Server
+from issuer import Issuer
 from postgres import PostgresServer, server_programs
 
 DATABASE_NUMBERS = itertools.count()
@@ -89,3 +90,12 @@ def database_url(postgres, request):
     with psycopg.connect(postgres.url(), autocommit=True) as connection:
         connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return postgres.url(name)
+
+
+@pytest.fixture
+def issuer():
+    """Return a local stand-in for DT's identity service, with one published key, `k1`."""
+    stand_in = Issuer()
+    stand_in.add_key("k1")
+    yield stand_in
+    stand_in.close()

@@ -1,0 +1,80 @@
+"""A local OpenID issuer standing in for DT's identity service: discovery document, JWKS, ES256 tokens."""
+
+import hashlib
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+ORGANIZATION_ID = "org-c0md3mm0c7bet3vico8g"
+
+
+class Issuer:
+    """Serves its keys on loopback and signs DT-Asymmetric-Signature tokens with them."""
+
+    def __init__(self):
+        self.private_keys = {}  # kid -> key, all it can sign with
+        self.published = []  # kids listed in its JWKS
+        self.available = True
+        self.jwks_requests = 0
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/data-connector"
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def add_key(self, kid: str, publish: bool = True) -> None:
+        """Make a new P-256 key, published in the JWKS unless told otherwise."""
+        self.private_keys[kid] = ec.generate_private_key(ec.SECP256R1())
+        if publish:
+            self.published.append(kid)
+
+    def token(self, body: bytes, kid: str, algorithm: str = "ES256", key=None, **claims) -> str:
+        """Return a token like DT's for these bytes; claims given replace DT's (None removes one)."""
+        now = int(time.time())
+        payload = {"iss": self.url, "sub": ORGANIZATION_ID, "iat": now, "exp": now + 3600,
+                   "checksum_sha256": hashlib.sha256(body).hexdigest()}
+        payload.update(claims)
+        payload = {name: value for name, value in payload.items() if value is not None}
+        return jwt.encode(payload, key or self.private_keys[kid], algorithm=algorithm, headers={"kid": kid})
+
+    def public_pem(self, kid: str) -> bytes:
+        """Return a published key in PEM form (what a key-confusion attacker would have)."""
+        return self.private_keys[kid].public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def close(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _documents(self, path: str) -> dict | None:
+        if path.endswith("/.well-known/openid-configuration"):
+            return {"issuer": self.url, "jwks_uri": self.url + "/jwks"}
+        if path.endswith("/jwks"):
+            self.jwks_requests += 1
+            keys = [{**json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self.private_keys[kid].public_key())),
+                     "kid": kid, "use": "sig", "alg": "ES256"} for kid in self.published]
+            return {"keys": keys}
+        return None
+
+    def _handler(self):
+        issuer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                document = issuer._documents(self.path) if issuer.available else None
+                status = 200 if document is not None else (503 if not issuer.available else 404)
+                payload = json.dumps(document or {}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        return Handler

@@ -1,0 +1,159 @@
+"""DT-Asymmetric-Signature: ES256 tokens from DT's issuer, its key set, and both headers together."""
+
+import base64
+import hashlib
+import hmac
+import json
+
+import pytest
+
+from helpers import SECRET, signed_delivery
+from issuer import ORGANIZATION_ID
+from receiver.errors import SignatureError, UnavailableError
+from receiver.keys import SigningKeys
+from receiver.sample import encode_body, sample_event
+from receiver.signatures import verify_asymmetric_token
+
+BODY = encode_body(sample_event(event_id="asym-1"))
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def asymmetric_client(make_app, issuer):
+    """Return a client of a receiver that requires only DT-Asymmetric-Signature."""
+    return make_app(DT_SIGNATURE_SECRET="", DT_ORGANIZATION_ID=ORGANIZATION_ID, DT_ISSUER=issuer.url).test_client()
+
+
+def post_asymmetric(client, token, body=BODY):
+    """POST a body with a DT-Asymmetric-Signature header; return status and text."""
+    answer = client.post("/", data=body, headers={"DT-Asymmetric-Signature": token})
+    return answer.status_code, answer.text.strip()
+
+
+def forged_hs256(payload: dict, kid: str, secret: bytes) -> str:
+    """Return an HS256 token made by hand, as pyjwt refuses to use a public key as an HMAC secret."""
+    def encode(part: bytes) -> str:
+        return base64.urlsafe_b64encode(part).rstrip(b"=").decode()
+    signing_input = encode(json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}).encode()) + "." + encode(json.dumps(payload).encode())
+    return signing_input + "." + encode(hmac.new(secret, signing_input.encode(), hashlib.sha256).digest())
+
+
+def test_valid_asymmetric_token_is_accepted(asymmetric_client, issuer, log_lines):
+    """A token DT's issuer signed for our organization and these bytes gets 200."""
+    assert post_asymmetric(asymmetric_client, issuer.token(BODY, "k1")) == (200, "logged")
+    assert log_lines()[-1]["event_id"] == "asym-1"
+
+
+@pytest.mark.parametrize("case, claims, status, reason", [
+    ("wrong organization", {"sub": "org-someone-else"}, 403, "token is for another DT organization"),
+    ("wrong issuer", {"iss": "https://evil.example/data-connector"}, 401, "token has the wrong issuer"),
+    ("no organization", {"sub": None}, 401, "token lacks a required claim"),
+    ("no checksum", {"checksum_sha256": None}, 401, "token lacks a required claim"),
+    ("other body", {"checksum_sha256": hashlib.sha256(b"other").hexdigest()}, 401,
+     "body does not match the token's checksum_sha256"),
+    ("expired", {"iat": 1_600_000_000, "exp": 1_600_003_600}, 401, "token has expired"),
+])
+def test_asymmetric_rejection(asymmetric_client, issuer, case, claims, status, reason):
+    """A signed token that is not for us, or not for these bytes, is turned away with its reason."""
+    assert post_asymmetric(asymmetric_client, issuer.token(BODY, "k1", **claims)) == (status, reason)
+
+
+def test_hs256_made_with_the_public_key_is_refused(asymmetric_client, issuer):
+    """Key confusion: an HS256 token keyed with DT's public key is not accepted."""
+    payload = json.loads(base64.urlsafe_b64decode(issuer.token(BODY, "k1").split(".")[1] + "=="))
+    token = forged_hs256(payload, "k1", issuer.public_pem("k1"))
+    assert post_asymmetric(asymmetric_client, token) == (401, "token algorithm is not allowed")
+
+
+def test_token_without_kid_is_refused(asymmetric_client, issuer):
+    """A token naming no key cannot be checked and is refused."""
+    token = issuer.token(BODY, "k1").split(".")
+    token[0] = base64.urlsafe_b64encode(b'{"alg":"ES256","typ":"JWT"}').rstrip(b"=").decode()
+    assert post_asymmetric(asymmetric_client, ".".join(token)) == (401, "token names no signing key")
+
+
+def test_unsigned_secret_header_alone_is_not_enough(asymmetric_client):
+    """With only the organization configured, an X-Dt-Signature alone is refused."""
+    body, headers = signed_delivery()
+    answer = asymmetric_client.post("/", data=body, headers=headers)
+    assert (answer.status_code, answer.text) == (401, "missing DT-Asymmetric-Signature header\n")
+
+
+def test_both_settings_require_both_headers(make_app, issuer):
+    """With a secret and an organization, each header is required and both together pass."""
+    client = make_app(DT_ORGANIZATION_ID=ORGANIZATION_ID, DT_ISSUER=issuer.url).test_client()
+    body, headers = signed_delivery(sample_event(event_id="both-1"))
+    asymmetric = {"DT-Asymmetric-Signature": issuer.token(body, "k1")}
+    assert client.post("/", data=body, headers=headers).status_code == 401
+    assert client.post("/", data=body, headers=asymmetric).status_code == 401
+    assert client.post("/", data=body, headers={**headers, **asymmetric}).status_code == 200
+
+
+def test_key_endpoint_down_before_first_fetch_is_503(asymmetric_client, issuer, log_lines):
+    """With no keys ever fetched, DT is told to retry (503), not that its signature is bad."""
+    issuer.available = False
+    answer = asymmetric_client.post("/", data=BODY, headers={"DT-Asymmetric-Signature": issuer.token(BODY, "k1")})
+    assert (answer.status_code, answer.headers["Retry-After"]) == (503, "10")
+    assert [line["msg"] for line in log_lines()] == ["could not fetch DT's signing keys", "request rejected"]
+
+
+def test_fetched_keys_survive_an_outage_of_the_endpoint(issuer):
+    """Keys fetched once keep verifying while the endpoint is down, even past their refresh age."""
+    clock = FakeClock()
+    keys = SigningKeys(issuer.url, max_age=60, clock=clock)
+    verify_asymmetric_token(issuer.token(BODY, "k1"), BODY, keys, ORGANIZATION_ID)
+    issuer.available = False
+    clock.now += 3600
+    verify_asymmetric_token(issuer.token(BODY, "k1"), BODY, keys, ORGANIZATION_ID)
+    assert issuer.jwks_requests == 1
+
+
+def test_unknown_kid_refreshes_once_per_interval_then_finds_the_new_key(issuer):
+    """A rotated-in key is found after one refresh; a burst of bogus kids costs at most one fetch per interval."""
+    clock = FakeClock()
+    keys = SigningKeys(issuer.url, refresh_interval=30, clock=clock)
+    verify_asymmetric_token(issuer.token(BODY, "k1"), BODY, keys, ORGANIZATION_ID)
+    issuer.add_key("k2")
+    for n in range(200):
+        with pytest.raises(SignatureError, match="unknown key"):
+            keys.key_for(f"bogus-{n}")
+    assert issuer.jwks_requests == 1
+    with pytest.raises(SignatureError, match="unknown key"):
+        verify_asymmetric_token(issuer.token(BODY, "k2"), BODY, keys, ORGANIZATION_ID)
+    clock.now += 31
+    verify_asymmetric_token(issuer.token(BODY, "k2"), BODY, keys, ORGANIZATION_ID)
+    assert issuer.jwks_requests == 2
+
+
+def test_endpoint_down_with_no_keys_recovers_on_a_later_attempt(issuer):
+    """After a failed first fetch, the next attempt past the interval fetches and verifies."""
+    clock = FakeClock()
+    keys = SigningKeys(issuer.url, refresh_interval=30, clock=clock)
+    issuer.available = False
+    with pytest.raises(UnavailableError):
+        keys.key_for("k1")
+    issuer.available = True
+    with pytest.raises(UnavailableError):
+        keys.key_for("k1")  # inside the interval: no new fetch
+    clock.now += 31
+    assert keys.key_for("k1").key_id == "k1"
+
+
+def test_secret_rotation_with_both_headers(make_app, issuer):
+    """During a secret rotation, both secrets pass beside a valid asymmetric token; a third does not."""
+    previous = "previous-signature-secret-0123456789abcdef"
+    client = make_app(DT_SIGNATURE_SECRET_PREVIOUS=previous, DT_ORGANIZATION_ID=ORGANIZATION_ID,
+                      DT_ISSUER=issuer.url).test_client()
+    for secret, status in ((SECRET, 200), (previous, 200), ("third-secret-0123456789abcdef0123456789", 401)):
+        body, headers = signed_delivery(secret=secret)
+        headers["DT-Asymmetric-Signature"] = issuer.token(body, "k1")
+        assert client.post("/", data=body, headers=headers).status_code == status
