@@ -99,3 +99,8 @@ def issuer():
     stand_in.add_key("k1")
     yield stand_in
     stand_in.close()
+
+
+def pytest_configure(config):
+    """Silence pyjwt's key-length warnings: tests sign with short and mismatched keys on purpose."""
+    config.addinivalue_line("filterwarnings", "ignore::jwt.warnings.InsecureKeyLengthWarning")

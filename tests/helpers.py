@@ -1,5 +1,6 @@
 """Signing and server helpers shared by the tests."""
 
+import hashlib
 import json
 import os
 import signal
@@ -23,6 +24,20 @@ def signed_delivery(event: dict | None = None, secret: str = SECRET, now: float 
     """Return a realistic body and the headers DT would send with it."""
     body = encode_body(event or sample_event())
     return body, {"Content-Type": "application/json", "X-Dt-Signature": sign_body(body, secret, now)}
+
+
+def claims_for(body: bytes, **changes) -> dict:
+    """Return the claims DT would sign for a body, with some changed (None removes one)."""
+    now = int(time.time())
+    claims = {
+        "checksum": hashlib.sha1(body).hexdigest(),
+        "checksum_sha256": hashlib.sha256(body).hexdigest(),
+        "iat": now,
+        "exp": now + 3600,
+        "jti": "f0e1d2c3",
+    }
+    claims.update(changes)
+    return {name: value for name, value in claims.items() if value is not None}
 
 
 def token_with(claims: dict, secret: str = SECRET, algorithm: str = "HS256", headers: dict | None = None) -> str:

@@ -1,28 +1,13 @@
 """The receiver through Flask's test client: what it accepts, logs and turns away."""
 
-import hashlib
 import time
 
 import pytest
 
 from app import MAX_BODY_BYTES, create_app
-from helpers import SECRET, signed_delivery, token_with
+from helpers import SECRET, claims_for, signed_delivery, token_with
 from receiver.errors import ConfigError
 from receiver.sample import encode_body, sample_event
-
-
-def claims_for(body: bytes, **changes) -> dict:
-    """Return the claims DT would sign for a body, with some changed (None removes one)."""
-    now = int(time.time())
-    claims = {
-        "checksum": hashlib.sha1(body).hexdigest(),
-        "checksum_sha256": hashlib.sha256(body).hexdigest(),
-        "iat": now,
-        "exp": now + 3600,
-        "jti": "f0e1d2c3",
-    }
-    claims.update(changes)
-    return {name: value for name, value in claims.items() if value is not None}
 
 
 def test_signed_event_is_accepted_and_logged(client, log_lines):
