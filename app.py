@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import click
 from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from receiver.errors import ConfigError, DeliveryError, UnavailableError
 from receiver.events import Event, parse_event
@@ -34,7 +34,8 @@ def create_app(config: Mapping[str, str] | None = None) -> Flask:
     verifier = build_verifier(settings)
     store = build_store(settings)
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    # One byte over: Werkzeug cuts a chunked body silently at the limit, and the extra byte shows it was cut.
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES + 1
     register_routes(app, verifier, store)
     register_commands(app, settings, store)
     return app
@@ -103,6 +104,8 @@ def register_routes(app: Flask, verifier: Verifier, store: EventStore | None) ->
     @app.post("/")
     def receive() -> Response:
         body = request.get_data(cache=False)
+        if len(body) > MAX_BODY_BYTES:
+            raise RequestEntityTooLarge()
         verifier.verify(request.headers, body)
         event = parse_event(body)
         if store is None:

@@ -9,6 +9,7 @@ import re
 
 import psycopg
 import pytest
+from hypothesis import settings
 from psycopg import sql
 
 from helpers import SECRET, Server
@@ -16,6 +17,10 @@ from issuer import Issuer
 from postgres import PostgresServer, server_programs
 
 DATABASE_NUMBERS = itertools.count()
+
+# No example database on disk; `--deep` explores far more inputs.
+settings.register_profile("quick", database=None, print_blob=True, max_examples=200, deadline=None)
+settings.register_profile("deep", database=None, print_blob=True, max_examples=5000, deadline=None)
 
 # app.py builds its module-level `app` from the environment when it is imported.
 os.environ.setdefault("DT_SIGNATURE_SECRET", SECRET)
@@ -101,6 +106,12 @@ def issuer():
     stand_in.close()
 
 
+def pytest_addoption(parser):
+    """Add --deep, for a long run of the generated-input tests."""
+    parser.addoption("--deep", action="store_true", help="run 5000 examples per property instead of 200")
+
+
 def pytest_configure(config):
-    """Silence pyjwt's key-length warnings: tests sign with short and mismatched keys on purpose."""
+    """Choose the hypothesis profile; silence pyjwt's key-length warnings (tests use odd keys on purpose)."""
+    settings.load_profile("deep" if config.getoption("deep") else "quick")
     config.addinivalue_line("filterwarnings", "ignore::jwt.warnings.InsecureKeyLengthWarning")

@@ -40,7 +40,7 @@ def tokens(draw, body: bytes) -> str:
     real = sign_body(body, SECRET)
     claims = draw(st.dictionaries(st.sampled_from(["checksum", "checksum_sha256", "iat", "exp", "jti", "sub"]),
                                   json_values, max_size=6))
-    return draw(st.one_of(
+    token = draw(st.one_of(
         st.text(max_size=500),
         st.just(token_with(claims_for(body), secret=OTHER_SECRET)),
         st.sampled_from(["HS384", "HS512"]).map(lambda algorithm: token_with(claims_for(body), algorithm=algorithm)),
@@ -50,6 +50,7 @@ def tokens(draw, body: bytes) -> str:
         st.tuples(st.integers(0, len(real) - 1), st.characters()).map(lambda at: real[:at[0]] + at[1] + real[at[0] + 1:]),
         st.text(alphabet="=.", min_size=1, max_size=4).map(lambda padding: real + padding),
     ))
+    return token.replace("\r", "").replace("\n", "")  # no HTTP client can send these in a header
 
 
 def genuinely_signed(token: str, body: bytes) -> bool:
@@ -125,7 +126,6 @@ header_names = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=12
 header_values = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=255), max_size=300)
 
 
-@settings(max_examples=60, deadline=None)
 @given(headers=st.dictionaries(header_names, header_values, max_size=20), body=bodies(), signature=st.text(max_size=200))
 def test_real_server_never_answers_5xx(shared_server, headers, body, signature):
     """Raw HTTP with random headers and bodies gets a 4xx from the real server, never a 5xx or a dropped line."""
