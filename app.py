@@ -17,7 +17,7 @@ from receiver.errors import ConfigError, DeliveryError, UnavailableError
 from receiver.events import Event, parse_event
 from receiver.keys import SigningKeys
 from receiver.sample import SAMPLE_DATA, encode_body, sample_event, sign_body
-from receiver.signatures import DT_ISSUER, SECRET_HEADER, Verifier
+from receiver.signatures import DT_ISSUER, SIGNATURE_HEADER, Verifier
 from receiver.store import EventStore
 
 MAX_BODY_BYTES = 1024 * 1024  # DT events are a few KB; this bounds what one request can make us read
@@ -169,7 +169,7 @@ def register_commands(app: Flask, settings: Mapping[str, str], store: EventStore
         if not secret:
             raise click.UsageError("send signs with DT_SIGNATURE_SECRET: set it to the receiver's secret")
         body = encode_body(sample_event(event_type, event_id))
-        status, answer = post(url, body, {SECRET_HEADER: sign_body(body, secret)})
+        status, answer = post(url, body, {SIGNATURE_HEADER: sign_body(body, secret)})
         click.echo(f"{status} {answer.strip()}")
         if not 200 <= status < 300:
             sys.exit(1)
@@ -189,9 +189,12 @@ def register_commands(app: Flask, settings: Mapping[str, str], store: EventStore
 
 def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
     """POST a JSON body and return the status and text of the answer."""
-    outgoing = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json", **headers})
+    if not url.startswith(("http://", "https://")):
+        raise click.BadParameter("give an http:// or https:// URL", param_hint="URL")
+    headers = {"Content-Type": "application/json", **headers}
+    outgoing = urllib.request.Request(url, data=body, method="POST", headers=headers)  # noqa: S310 (scheme checked above)
     try:
-        with urllib.request.urlopen(outgoing, timeout=30) as answer:  # noqa: S310 (the user's own URL)
+        with urllib.request.urlopen(outgoing, timeout=30) as answer:  # noqa: S310 (scheme checked above)
             return answer.status, answer.read().decode(errors="replace")
     except urllib.error.HTTPError as answer:
         return answer.code, answer.read().decode(errors="replace")

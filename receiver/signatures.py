@@ -12,7 +12,7 @@ import jwt
 from .errors import ForeignOrganizationError, SignatureError
 from .keys import SigningKeys
 
-SECRET_HEADER = "X-Dt-Signature"
+SIGNATURE_HEADER = "X-Dt-Signature"
 ASYMMETRIC_HEADER = "DT-Asymmetric-Signature"
 DT_ISSUER = "https://identity.disruptive-technologies.com/data-connector"
 
@@ -48,7 +48,7 @@ class Verifier:
     def verify(self, headers: Mapping[str, str], body: bytes) -> None:
         """Raise a DeliveryError unless every required signature holds for these bytes."""
         if self.secrets:
-            verify_secret_token(required_header(headers, SECRET_HEADER), body, self.secrets)
+            verify_secret_token(required_header(headers, SIGNATURE_HEADER), body, self.secrets)
         if self.organization_id:
             verify_asymmetric_token(
                 required_header(headers, ASYMMETRIC_HEADER), body, self.keys, self.organization_id
