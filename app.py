@@ -20,7 +20,7 @@ from receiver.sample import SAMPLE_DATA, encode_body, sample_event, sign_body
 from receiver.signatures import DT_ISSUER, SIGNATURE_HEADER, Verifier
 from receiver.store import EventStore
 
-MAX_BODY_BYTES = 1024 * 1024  # DT events are a few KB; this bounds what one request can make us read
+MAX_BODY_BYTES = 256 * 1024  # DT events are a few KB; this bounds what one request can make a worker hold
 MIN_SECRET_BYTES = 32
 HINT = "DT Data Connector receiver is up: point a Data Connector at this URL (it accepts POST).\n"
 

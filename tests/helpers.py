@@ -64,7 +64,8 @@ def procfile_command(process_type: str = "web") -> str:
 class Server:
     """The Procfile's web command, run by bash as Heroku runs it, on a loopback port, output to a file."""
 
-    def __init__(self, log_path: Path, **settings: str):
+    def __init__(self, log_path: Path, command: str | None = None, **settings: str):
+        self.command = command or procfile_command()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log_path = log_path
@@ -78,7 +79,7 @@ class Server:
     def start(self, wait: bool = True) -> "Server":
         """Start the server (with a new session, so signals reach it the way Heroku sends them)."""
         log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(procfile_command(), shell=True, executable="bash", cwd=ROOT, env=self.env, stdout=log,
+        self.process = subprocess.Popen(self.command, shell=True, executable="bash", cwd=ROOT, env=self.env, stdout=log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         if wait:

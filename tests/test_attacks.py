@@ -82,7 +82,7 @@ def test_iat_far_in_the_future(client):
 
 def test_json_a_thousand_levels_deep(client):
     """Deeply nested signed JSON is a 400, not a RecursionError."""
-    for depth in (1000, 100_000):
+    for depth in (1000, 20_000):  # 20,000 levels: past any recursion limit, inside the size limit
         body = b'{"event":' * depth + b"{}" + b"}" * depth
         status, _ = post(client, body, sign_body(body, SECRET))
         assert status == 400
