@@ -10,6 +10,7 @@ import urllib.request
 from collections.abc import Mapping
 
 import click
+import psycopg
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -69,8 +70,8 @@ def build_verifier(settings: Mapping[str, str]) -> Verifier:
             "set DT_SIGNATURE_SECRET (the Data Connector's Signature Secret), "
             "DT_ORGANIZATION_ID (to verify DT-Asymmetric-Signature), or both"
         )
-    secrets = {"DT_SIGNATURE_SECRET": secret, "DT_SIGNATURE_SECRET_PREVIOUS": settings.get("DT_SIGNATURE_SECRET_PREVIOUS")}
-    secrets = {name: value for name, value in secrets.items() if secret and value}
+    names = ("DT_SIGNATURE_SECRET", "DT_SIGNATURE_SECRET_PREVIOUS") if secret else ()
+    secrets = {name: settings[name] for name in names if settings.get(name)}
     for name, value in secrets.items():
         if len(value.encode()) < MIN_SECRET_BYTES:
             log.warning(f"{name} is shorter than {MIN_SECRET_BYTES} bytes: use a longer random secret")
@@ -88,8 +89,8 @@ def build_store(settings: Mapping[str, str]) -> EventStore | None:
         return None
     try:
         store = EventStore(database_url, max_connections=int(settings.get("WEB_THREADS") or 4))
-    except Exception as error:  # psycopg's ProgrammingError, a ValueError: either way the URL is unusable
-        raise ConfigError(f"DATABASE_URL is not a usable PostgreSQL URL ({type(error).__name__})") from None
+    except (psycopg.ProgrammingError, ValueError) as error:
+        raise ConfigError(f"DATABASE_URL or WEB_THREADS is unusable ({type(error).__name__})") from None
     atexit.register(store.close)
     return store
 
@@ -198,6 +199,8 @@ def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
             return answer.status, answer.read().decode(errors="replace")
     except urllib.error.HTTPError as answer:
         return answer.code, answer.read().decode(errors="replace")
+    except urllib.error.URLError as error:
+        raise click.ClickException(f"could not reach {url}: {error.reason}") from None
 
 
 app = create_app()

@@ -3,9 +3,10 @@
 import signal
 import socket
 import subprocess
+import sys
 import time
 
-from helpers import ROOT, SECRET, Server, procfile_command, signed_delivery
+from helpers import ROOT, SECRET, Server, free_port, procfile_command, signed_delivery
 from receiver.sample import sample_event
 
 
@@ -62,3 +63,19 @@ def test_sigterm_lets_an_in_flight_request_finish(start_server):
     assert answer.startswith("HTTP/1.1 200")
     assert server.process.wait(25) == 0
     assert any(line.get("event_id") == "in-flight" for line in server.log_lines())
+
+
+def test_send_command_gets_an_event_through(start_server, tmp_path):
+    """`flask --app app send`, as the README gives it, gets 200 from a running server, which logs the event."""
+    server = start_server(DT_SIGNATURE_SECRET=SECRET)
+    command = [sys.executable, "-m", "flask", "--app", "app", "send", server.url, "--type", "touch", "--event-id", "cli-1"]
+    sent = subprocess.run(command, cwd=ROOT, env=server.env, capture_output=True, text=True, timeout=60)
+    assert (sent.returncode, sent.stdout) == (0, "200 logged\n")
+    [line] = [line for line in server.log_lines() if line.get("event_id") == "cli-1"]
+    assert line["event_type"] == "touch"
+    wrong = subprocess.run(command, cwd=ROOT, env={**server.env, "DT_SIGNATURE_SECRET": "another-secret-0123456789abcdef0123"},
+                           capture_output=True, text=True, timeout=60)
+    assert (wrong.returncode, wrong.stdout) == (1, "401 signature does not verify\n")
+    unreachable = subprocess.run([*command[:6], f"http://127.0.0.1:{free_port()}/"], cwd=ROOT, env=server.env,
+                                 capture_output=True, text=True, timeout=60)
+    assert unreachable.returncode == 1 and "could not reach" in unreachable.stderr and "Traceback" not in unreachable.stderr
