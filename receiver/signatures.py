@@ -20,6 +20,7 @@ DT_ISSUER = "https://identity.disruptive-technologies.com/data-connector"
 LEEWAY_SECONDS = 60
 
 DIGESTS = {"checksum_sha256": hashlib.sha256, "checksum": hashlib.sha1}
+HS256_RULES = {"algorithms": ["HS256"], "options": {"require": ["exp", "iat"]}, "leeway": LEEWAY_SECONDS}
 
 # Fixed reasons, never pyjwt's messages: those may quote parts of the token.
 TOKEN_FAULTS = (
@@ -65,17 +66,20 @@ def required_header(headers: Mapping[str, str], name: str) -> str:
 
 def verify_secret_token(token: str, body: bytes, secrets: Sequence[str]) -> None:
     """Check an HS256 token signed with any of the secrets and its checksums of the body."""
-    options = {"require": ["exp", "iat"]}
     with reasons_for_token_faults():
-        for secret in secrets[:-1]:
-            try:
-                claims = jwt.decode(token, secret, algorithms=["HS256"], options=options, leeway=LEEWAY_SECONDS)
-                break
-            except jwt.InvalidSignatureError:
-                continue  # signed with a later secret of the rotation, perhaps
-        else:
-            claims = jwt.decode(token, secrets[-1], algorithms=["HS256"], options=options, leeway=LEEWAY_SECONDS)
+        claims = decode_with_any_secret(token, secrets)
     verify_checksums(claims, body)
+
+
+def decode_with_any_secret(token: str, secrets: Sequence[str]) -> dict:
+    """Return the claims of an HS256 token signed with one of the secrets (two during a rotation)."""
+    *earlier, last = secrets
+    for secret in earlier:
+        try:
+            return jwt.decode(token, secret, **HS256_RULES)
+        except jwt.InvalidSignatureError:
+            pass  # signed with the other secret of the rotation, perhaps
+    return jwt.decode(token, last, **HS256_RULES)
 
 
 def verify_asymmetric_token(token: str, body: bytes, keys: SigningKeys, organization_id: str) -> None:
