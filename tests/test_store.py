@@ -11,6 +11,7 @@ import pytest
 
 from helpers import SECRET, signed_delivery
 from receiver.sample import encode_body, sample_event, sign_body
+from receiver.store import connection_options
 
 
 def rows(database_url: str, query: str = "SELECT * FROM dt_events ORDER BY event_id", *params) -> list[dict]:
@@ -157,3 +158,19 @@ def test_sigterm_closes_every_database_connection(start_server, postgres, databa
     assert 2 <= rows(postgres.url(), count)[0]["n"] <= 8  # one pool per worker, at most a connection per thread
     assert server.stop(signal.SIGTERM) == 0
     assert rows(postgres.url(), count)[0]["n"] == 0
+
+
+@pytest.mark.parametrize("url, sslmode", [
+    ("postgres://u:p@ec2-1-2-3-4.compute-1.amazonaws.com:5432/d1", "require"),  # Heroku's form: SSL required
+    ("postgresql://u@db.example.com/d?sslmode=verify-full", "verify-full"),  # the URL's own choice wins
+    ("postgresql://postgres@127.0.0.1:5432/test", None),  # this machine
+    ("postgresql:///test?host=/var/run/postgresql", None),  # a socket directory
+])
+def test_connection_options_require_ssl_off_this_machine(url, sslmode, monkeypatch):
+    """Connections to another host use SSL unless the URL or PGSSLMODE says otherwise; every wait is bounded."""
+    monkeypatch.delenv("PGSSLMODE", raising=False)
+    options = connection_options(url)
+    assert options.get("sslmode") == sslmode
+    assert options["connect_timeout"] == 5 and "statement_timeout=5000" in options["options"]
+    monkeypatch.setenv("PGSSLMODE", "disable")
+    assert connection_options(url).get("sslmode") == (None if sslmode == "require" else sslmode)
