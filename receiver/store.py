@@ -56,7 +56,7 @@ class EventStore:
     def __init__(self, database_url: str, max_connections: int):
         # Created closed: gunicorn forks workers after loading the app, and sockets must not be shared.
         self._pool = ConnectionPool(
-            kwargs={**connection_options(database_url), "autocommit": True},  # one round trip per event
+            kwargs={**connection_options(database_url), "autocommit": True},  # the insert commits as it returns
             min_size=1,
             max_size=max_connections,
             open=False,
