@@ -174,3 +174,17 @@ def test_connection_options_require_ssl_off_this_machine(url, sslmode, monkeypat
     assert options["connect_timeout"] == 5 and "statement_timeout=5000" in options["options"]
     monkeypatch.setenv("PGSSLMODE", "disable")
     assert connection_options(url).get("sslmode") == (None if sslmode == "require" else sslmode)
+
+
+def test_slow_database_gives_503_inside_the_router_timeout(make_app, database_url, log_lines):
+    """A write stuck behind a lock is cancelled by the statement timeout and answered 503 well inside 30 s."""
+    client = make_app(DATABASE_URL=database_url).test_client()
+    assert client.post("/", data=(delivery := signed_delivery())[0], headers=delivery[1]).status_code == 200
+    with psycopg.connect(database_url) as blocker:
+        blocker.execute("LOCK TABLE dt_events IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        answer = client.post("/", data=(delivery := signed_delivery())[0], headers=delivery[1])
+        waited = time.monotonic() - started
+    assert (answer.status_code, answer.text, answer.headers["Retry-After"]) == (503, "database error: QueryCanceled\n", "10")
+    assert 4 < waited < 10
+    assert log_lines()[-1]["reason"] == "database error: QueryCanceled"
