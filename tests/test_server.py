@@ -7,6 +7,7 @@ import sys
 import time
 
 from helpers import ROOT, SECRET, Server, free_port, procfile_command, signed_delivery
+from issuer import ORGANIZATION_ID
 from receiver.sample import sample_event
 
 
@@ -79,3 +80,13 @@ def test_send_command_gets_an_event_through(start_server, tmp_path):
     unreachable = subprocess.run([*command[:6], f"http://127.0.0.1:{free_port()}/"], cwd=ROOT, env=server.env,
                                  capture_output=True, text=True, timeout=60)
     assert unreachable.returncode == 1 and "could not reach" in unreachable.stderr and "Traceback" not in unreachable.stderr
+
+
+def test_asymmetric_signature_through_the_procfile_server(start_server, issuer):
+    """With only DT_ORGANIZATION_ID set, the real server fetches the issuer's keys and accepts DT's ES256 token."""
+    server = start_server(DT_ORGANIZATION_ID=ORGANIZATION_ID, DT_ISSUER=issuer.url)
+    body, _ = signed_delivery(sample_event(event_id="asym-e2e"))
+    assert server.post(body, {"DT-Asymmetric-Signature": issuer.token(body, "k1")}) == (200, "logged\n")
+    assert server.post(body, {"DT-Asymmetric-Signature": issuer.token(body, "k1", sub="org-other")}) == (
+        403, "token is for another DT organization\n")
+    assert issuer.jwks_requests <= 2  # at most one fetch per worker
