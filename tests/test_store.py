@@ -1,5 +1,6 @@
 """The Postgres sink against a real server: rows, duplicates, outages and crashes."""
 
+import re
 import signal
 import time
 import urllib.error
@@ -9,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 
-from helpers import SECRET, signed_delivery
+from helpers import ROOT, SECRET, signed_delivery
 from receiver.sample import encode_body, sample_event, sign_body
 from receiver.store import connection_options
 
@@ -188,3 +189,15 @@ def test_slow_database_gives_503_inside_the_router_timeout(make_app, database_ur
     assert (answer.status_code, answer.text, answer.headers["Retry-After"]) == (503, "database error: QueryCanceled\n", "10")
     assert 4 < waited < 10
     assert log_lines()[-1]["reason"] == "database error: QueryCanceled"
+
+
+def test_readme_example_queries_run(make_app, database_url):
+    """The SQL examples in the README run against the real table and find what was stored."""
+    client = make_app(DATABASE_URL=database_url).test_client()
+    for event_type in ("temperature", "touch", "temperature"):
+        client.post("/", data=(delivery := signed_delivery(sample_event(event_type)))[0], headers=delivery[1])
+    examples = re.search(r"```sql\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL).group(1)
+    examples = examples.replace("'2026-11-20'", "now() - interval '1 day'").replace("'2026-11-21'", "now() + interval '1 day'")
+    latest_per_type, one_day = [rows(database_url, query) for query in examples.split(";") if query.strip()]
+    assert sorted(row["event_type"] for row in latest_per_type) == ["temperature", "touch"]
+    assert [row["celsius"] for row in one_day] == [21.45, 21.45]
