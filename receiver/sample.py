@@ -30,7 +30,9 @@ SAMPLE_DATA = {
 }
 
 
-def sample_event(event_type: str = "temperature", event_id: str | None = None, device_id: str = "emuc2f3h2lbr9a5ks2vncg0") -> dict[str, Any]:
+def sample_event(
+    event_type: str = "temperature", event_id: str | None = None, device_id: str = "emuc2f3h2lbr9a5ks2vncg0"
+) -> dict[str, Any]:
     """Return an event shaped like those DT forwards, with a fresh id unless one is given."""
     now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     project_id = "c0md3mm0c7bet3vico8g"

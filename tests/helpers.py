@@ -78,10 +78,9 @@ class Server:
 
     def start(self, wait: bool = True) -> "Server":
         """Start the server (with a new session, so signals reach it the way Heroku sends them)."""
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(self.command, shell=True, executable="bash", cwd=ROOT, env=self.env, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        with open(self.log_path, "ab") as log:  # the server keeps its own copy of the descriptor
+            self.process = subprocess.Popen(self.command, shell=True, executable="bash", cwd=ROOT, env=self.env,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         if wait:
             self.wait_until_up()
         return self
