@@ -90,3 +90,12 @@ def test_asymmetric_signature_through_the_procfile_server(start_server, issuer):
     assert server.post(body, {"DT-Asymmetric-Signature": issuer.token(body, "k1", sub="org-other")}) == (
         403, "token is for another DT organization\n")
     assert issuer.jwks_requests <= 2  # at most one fetch per worker
+
+
+def test_server_answers_on_ipv4_and_ipv6(start_server):
+    """Bound to [::]:$PORT, the server answers on both 127.0.0.1 and ::1."""
+    server = start_server(DT_SIGNATURE_SECRET=SECRET)
+    for host in ("127.0.0.1", "::1"):
+        with socket.create_connection((host, server.port), timeout=10) as connection:
+            connection.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            assert connection.makefile("rb").readline() == b"HTTP/1.1 200 OK\r\n"
