@@ -1,6 +1,8 @@
 """Signing and server helpers shared by the tests."""
 
+import base64
 import hashlib
+import hmac
 import json
 import os
 import signal
@@ -43,6 +45,17 @@ def claims_for(body: bytes, **changes) -> dict:
 def token_with(claims: dict, secret: str = SECRET, algorithm: str = "HS256", headers: dict | None = None) -> str:
     """Return an HS256 (or other) token with exactly these claims."""
     return jwt.encode(claims, secret, algorithm=algorithm, headers=headers)
+
+
+def hand_made_hs256(header: dict, claims: dict, key: bytes) -> str:
+    """Return a token HMAC-SHA256-signed with any key under any header: what pyjwt refuses to make."""
+    signing_input = base64url(json.dumps(header).encode()) + "." + base64url(json.dumps(claims).encode())
+    return signing_input + "." + base64url(hmac.new(key, signing_input.encode(), hashlib.sha256).digest())
+
+
+def base64url(part: bytes) -> str:
+    """Return bytes as unpadded base64url, as JWTs write them."""
+    return base64.urlsafe_b64encode(part).rstrip(b"=").decode()
 
 
 def free_port() -> int:

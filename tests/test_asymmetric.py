@@ -2,12 +2,11 @@
 
 import base64
 import hashlib
-import hmac
 import json
 
 import pytest
 
-from helpers import SECRET, signed_delivery
+from helpers import SECRET, base64url, hand_made_hs256, signed_delivery
 from issuer import ORGANIZATION_ID
 from receiver.errors import SignatureError, UnavailableError
 from receiver.keys import SigningKeys
@@ -39,14 +38,6 @@ def post_asymmetric(client, token, body=BODY):
     return answer.status_code, answer.text.strip()
 
 
-def forged_hs256(payload: dict, kid: str, secret: bytes) -> str:
-    """Return an HS256 token made by hand, as pyjwt refuses to use a public key as an HMAC secret."""
-    def encode(part: bytes) -> str:
-        return base64.urlsafe_b64encode(part).rstrip(b"=").decode()
-    signing_input = encode(json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}).encode()) + "." + encode(json.dumps(payload).encode())
-    return signing_input + "." + encode(hmac.new(secret, signing_input.encode(), hashlib.sha256).digest())
-
-
 def test_valid_asymmetric_token_is_accepted(asymmetric_client, issuer, log_lines):
     """A token DT's issuer signed for our organization and these bytes gets 200."""
     assert post_asymmetric(asymmetric_client, issuer.token(BODY, "k1")) == (200, "logged")
@@ -70,14 +61,14 @@ def test_asymmetric_rejection(asymmetric_client, issuer, case, claims, status, r
 def test_hs256_made_with_the_public_key_is_refused(asymmetric_client, issuer):
     """Key confusion: an HS256 token keyed with DT's public key is not accepted."""
     payload = json.loads(base64.urlsafe_b64decode(issuer.token(BODY, "k1").split(".")[1] + "=="))
-    token = forged_hs256(payload, "k1", issuer.public_pem("k1"))
+    token = hand_made_hs256({"alg": "HS256", "typ": "JWT", "kid": "k1"}, payload, issuer.public_pem("k1"))
     assert post_asymmetric(asymmetric_client, token) == (401, "token algorithm is not allowed")
 
 
 def test_token_without_kid_is_refused(asymmetric_client, issuer):
     """A token naming no key cannot be checked and is refused."""
     token = issuer.token(BODY, "k1").split(".")
-    token[0] = base64.urlsafe_b64encode(b'{"alg":"ES256","typ":"JWT"}').rstrip(b"=").decode()
+    token[0] = base64url(b'{"alg":"ES256","typ":"JWT"}')
     assert post_asymmetric(asymmetric_client, ".".join(token)) == (401, "token names no signing key")
 
 
