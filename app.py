@@ -112,7 +112,7 @@ def register_routes(app: Flask, verifier: Verifier, store: EventStore | None) ->
         if store is None:
             outcome = "logged"
         else:
-            outcome = "stored" if store.save(event, body) else "duplicate"
+            outcome = "stored" if store.save(event) else "duplicate"
         log.info(f"event {outcome}", extra={"fields": event_fields(event)})
         return plain_text(outcome + "\n", 200)
 

@@ -16,6 +16,7 @@ class Event:
     """One DT event: its body as parsed and the fields worth a column."""
 
     body: dict[str, Any]
+    text: str  # the body as received, decoded once
     event_id: str
     event_type: str | None
     device_id: str | None
@@ -37,7 +38,8 @@ class Event:
 def parse_event(body: bytes) -> Event:
     """Return the event a verified body holds, or raise InvalidEventError."""
     try:
-        document = json.loads(body.decode("utf-8"))
+        text = body.decode("utf-8")
+        document = json.loads(text)
     except (UnicodeDecodeError, ValueError):
         raise InvalidEventError("body is not UTF-8 JSON") from None
     except RecursionError:
@@ -48,6 +50,7 @@ def parse_event(body: bytes) -> Event:
     project_id, device_id = split_target(event.get("targetName"))
     return Event(
         body=document,
+        text=text,
         event_id=event["eventId"],
         event_type=text_or_none(event.get("eventType")),
         device_id=device_id,

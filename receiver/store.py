@@ -66,10 +66,10 @@ class EventStore:
             name="dt_events",
         )
 
-    def save(self, event: Event, body: bytes) -> bool:
+    def save(self, event: Event) -> bool:
         """Commit the event; return False if it was stored before."""
         row = (event.event_id, event.event_type, event.device_id, event.project_id, event.time,
-               Jsonb(event.labels), body.decode())
+               Jsonb(event.labels), event.text)
         with self._connection() as connection:
             return connection.execute(INSERT, row).rowcount == 1
 
