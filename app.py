@@ -1,28 +1,29 @@
-"""Receive Disruptive Technologies Data Connector events: verify, keep, log, then answer 200."""
+"""Wire the receiver: settings, the one route and its answers, and the commands."""
 
-import atexit
-import json
 import logging
 import os
-import sys
-import urllib.error
-import urllib.request
+import time
 from collections.abc import Mapping
 
-import click
-import psycopg
+import gevent
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from receiver.errors import ConfigError, DeliveryError, UnavailableError
+from receiver import on_event
+from receiver.commands import register_commands
+from receiver.errors import DeliveryError, UnavailableError
 from receiver.events import Event, parse_event
 from receiver.keys import SigningKeys
-from receiver.sample import SAMPLE_DATA, encode_body, sample_event, sign_body
-from receiver.signatures import DT_ISSUER, SIGNATURE_HEADER, Verifier
+from receiver.logs import configure_logging
+from receiver.settings import SECRETS, connections_per_worker, server_problem
+from receiver.signatures import DT_ISSUER, Verifier
 from receiver.store import EventStore
 
 MAX_BODY_BYTES = 256 * 1024  # DT events are a few KB; this bounds what one request can make a worker hold
-MIN_SECRET_BYTES = 32
+# DT waits 10 s for an answer; every delivery is answered within this, whatever it waits on.
+DEADLINE_SECONDS = 7.0
+# The pool's own wait ends this much before the deadline, so a queued delivery hears why.
+POOL_MARGIN_SECONDS = 0.5
 HINT = "DT Data Connector receiver is up: point a Data Connector at this URL (it accepts POST).\n"
 
 log = logging.getLogger("receiver")
@@ -32,70 +33,36 @@ def create_app(config: Mapping[str, str] | None = None) -> Flask:
     """Build the receiver from a mapping of settings, or from the environment."""
     settings = os.environ if config is None else config
     configure_logging()
-    verifier = build_verifier(settings)
-    store = build_store(settings)
     app = Flask(__name__)
     # One byte over: Werkzeug cuts a chunked body silently at the limit, and the extra byte shows it was cut.
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES + 1
-    register_routes(app, verifier, store)
-    register_commands(app, settings, store)
+    problem = server_problem(settings)
+    verifier = None if problem else build_verifier(settings)
+    store = None if problem else build_store(settings)
+    app.extensions["dt_events_store"] = store
+    register_routes(app, verifier, store, problem)
+    register_commands(app, settings)
     return app
 
 
-def configure_logging() -> None:
-    """Send the receiver's log lines, one JSON object each, to stdout."""
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    if not any(handler.get_name() == "stdout" for handler in log.handlers):
-        handler = logging.StreamHandler(sys.stdout)  # flushes after every line
-        handler.set_name("stdout")
-        handler.setFormatter(JsonLineFormatter())
-        log.addHandler(handler)
-
-
-class JsonLineFormatter(logging.Formatter):
-    """Format a record and its `fields` as one line of JSON."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = {"level": record.levelname.lower(), "msg": record.getMessage(), **getattr(record, "fields", {})}
-        return json.dumps(line, default=str)
-
-
 def build_verifier(settings: Mapping[str, str]) -> Verifier:
-    """Return a verifier for the signatures the settings require; refuse a configuration that requires none."""
-    secret = settings.get("DT_SIGNATURE_SECRET")
+    """Return a verifier for the signatures the settings require."""
+    names = SECRETS if settings.get("DT_SIGNATURE_SECRET") else ()
     organization_id = settings.get("DT_ORGANIZATION_ID")
-    if not secret and not organization_id:
-        raise ConfigError(
-            "set DT_SIGNATURE_SECRET (the Data Connector's Signature Secret), "
-            "DT_ORGANIZATION_ID (to verify DT-Asymmetric-Signature), or both"
-        )
-    names = ("DT_SIGNATURE_SECRET", "DT_SIGNATURE_SECRET_PREVIOUS") if secret else ()
-    secrets = {name: settings[name] for name in names if settings.get(name)}
-    for name, value in secrets.items():
-        if len(value.encode()) < MIN_SECRET_BYTES:
-            log.warning(f"{name} is shorter than {MIN_SECRET_BYTES} bytes: use a longer random secret")
     return Verifier(
-        secrets=tuple(secrets.values()),
+        secrets=tuple(settings[name] for name in names if settings.get(name)),
         organization_id=organization_id or None,
         keys=SigningKeys(settings.get("DT_ISSUER") or DT_ISSUER) if organization_id else None,
     )
 
 
 def build_store(settings: Mapping[str, str]) -> EventStore | None:
-    """Return the Postgres store when DATABASE_URL is set, sized to the server's threads."""
+    """Return the Postgres store when DATABASE_URL is set, with this worker's share of the connections."""
     database_url = settings.get("DATABASE_URL")
-    if not database_url:
-        return None
-    try:
-        store = EventStore(database_url, max_connections=int(settings.get("WEB_THREADS") or 4))
-    except (psycopg.ProgrammingError, ValueError) as error:
-        raise ConfigError(f"DATABASE_URL or WEB_THREADS is unusable ({type(error).__name__})") from None
-    atexit.register(store.close)
-    return store
+    return EventStore(database_url, connections_per_worker(settings)) if database_url else None
 
 
-def register_routes(app: Flask, verifier: Verifier, store: EventStore | None) -> None:
+def register_routes(app: Flask, verifier: Verifier | None, store: EventStore | None, problem: str | None) -> None:
     """Add the one route and the answers for everything the receiver turns away."""
 
     @app.get("/")
@@ -104,16 +71,22 @@ def register_routes(app: Flask, verifier: Verifier, store: EventStore | None) ->
 
     @app.post("/")
     def receive() -> Response:
-        body = request.get_data(cache=False)
-        if len(body) > MAX_BODY_BYTES:
-            raise RequestEntityTooLarge()
-        verifier.verify(request.headers, body)
-        event = parse_event(body)
-        if store is None:
-            outcome = "logged"
-        else:
-            outcome = "stored" if store.save(event) else "duplicate"
-        log.info(f"event {outcome}", extra={"fields": event_fields(event)})
+        deadline = time.monotonic() + DEADLINE_SECONDS
+        with gevent.Timeout(DEADLINE_SECONDS, UnavailableError(f"no answer within {DEADLINE_SECONDS:g} s")):
+            if problem:
+                raise UnavailableError(f"receiver is not configured: {problem}")
+            body = request.get_data(cache=False)
+            if len(body) > MAX_BODY_BYTES:
+                raise RequestEntityTooLarge()
+            verifier.verify(request.headers, body)
+            event = parse_event(body)
+            if store is None:
+                outcome = "logged"
+            else:
+                pool_wait = deadline - time.monotonic() - POOL_MARGIN_SECONDS
+                outcome = "stored" if store.save(event, pool_wait) else "duplicate"
+            run_event_handler(event)
+            log.info(f"event {outcome}", extra={"fields": event_fields(event)})  # raises if the line is lost
         return plain_text(outcome + "\n", 200)
 
     @app.errorhandler(DeliveryError)
@@ -130,6 +103,20 @@ def register_routes(app: Flask, verifier: Verifier, store: EventStore | None) ->
         response.headers.update({k: v for k, v in error.get_headers() if k == "Allow"})
         return response
 
+    @app.errorhandler(OSError)
+    def turn_away_unlogged(error: OSError) -> Response:
+        # The event's log line could not be written (stdout closed or full): DT must send it again.
+        return rejection(503, "log line could not be written", retry_after=UnavailableError.retry_after_seconds)
+
+
+def run_event_handler(event: Event) -> None:
+    """Give the event to the user's code; if it fails, DT is told to retry."""
+    try:
+        on_event.on_event(event)
+    except Exception as error:
+        log.warning("event handler failed", extra={"fields": {"event_id": event.event_id, "error": type(error).__name__}})
+        raise UnavailableError(f"event handler failed: {type(error).__name__}") from None
+
 
 def event_fields(event: Event) -> dict:
     """Return what the log line of an accepted event says."""
@@ -145,62 +132,22 @@ def event_fields(event: Event) -> dict:
     }
 
 
-def rejection(status: int, reason: str) -> Response:
+def rejection(status: int, reason: str, retry_after: int | None = None) -> Response:
     """Log why a request is turned away and answer with the reason."""
     fields = {"status": status, "reason": reason, "request_id": request.headers.get("X-Request-Id")}
-    log.warning("request rejected", extra={"fields": fields})
-    return plain_text(reason + "\n", status)
+    try:
+        log.warning("request rejected", extra={"fields": fields})
+    except OSError:
+        pass  # the answer still tells DT
+    response = plain_text(reason + "\n", status)
+    if retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
 
 
 def plain_text(text: str, status: int) -> Response:
     """Return a short text/plain answer."""
     return Response(text, status=status, mimetype="text/plain")
-
-
-def register_commands(app: Flask, settings: Mapping[str, str], store: EventStore | None) -> None:
-    """Add `flask --app app send` and `flask --app app events`."""
-
-    @app.cli.command("send")
-    @click.argument("url", default="http://localhost:5006/")
-    @click.option("--type", "event_type", type=click.Choice(sorted(SAMPLE_DATA)), default="temperature")
-    @click.option("--event-id", help="Reuse an id to see how a duplicate is answered.")
-    def send(url: str, event_type: str, event_id: str | None) -> None:
-        """Sign a sample event with DT_SIGNATURE_SECRET, as DT does, and POST it to URL."""
-        secret = settings.get("DT_SIGNATURE_SECRET")
-        if not secret:
-            raise click.UsageError("send signs with DT_SIGNATURE_SECRET: set it to the receiver's secret")
-        body = encode_body(sample_event(event_type, event_id))
-        status, answer = post(url, body, {SIGNATURE_HEADER: sign_body(body, secret)})
-        click.echo(f"{status} {answer.strip()}")
-        if not 200 <= status < 300:
-            sys.exit(1)
-
-    @app.cli.command("events")
-    @click.option("--device", help="Only this device id.")
-    @click.option("--type", "event_type", help="Only this event type.")
-    @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10000))
-    def events(device: str | None, event_type: str | None, limit: int) -> None:
-        """List the newest stored events, newest first."""
-        if store is None:
-            raise click.UsageError("no events are stored: DATABASE_URL is not set")
-        for event_time, device_id, kind, event_id, data in store.latest(device, event_type, limit):
-            when = event_time.isoformat(timespec="seconds") if event_time else "-"
-            click.echo(f"{when}  {device_id}  {kind}  {event_id}  {json.dumps(data)}")
-
-
-def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str]:
-    """POST a JSON body and return the status and text of the answer."""
-    if not url.startswith(("http://", "https://")):
-        raise click.BadParameter("give an http:// or https:// URL", param_hint="URL")
-    headers = {"Content-Type": "application/json", **headers}
-    outgoing = urllib.request.Request(url, data=body, method="POST", headers=headers)  # noqa: S310 (scheme checked above)
-    try:
-        with urllib.request.urlopen(outgoing, timeout=30) as answer:  # noqa: S310 (scheme checked above)
-            return answer.status, answer.read().decode(errors="replace")
-    except urllib.error.HTTPError as answer:
-        return answer.code, answer.read().decode(errors="replace")
-    except urllib.error.URLError as error:
-        raise click.ClickException(f"could not reach {url}: {error.reason}") from None
 
 
 app = create_app()

@@ -1,26 +1,32 @@
 # Gunicorn settings for Heroku: https://docs.gunicorn.org/en/stable/settings.html
 # Heroku's Python buildpack also sets GUNICORN_CMD_ARGS, which takes priority over this file.
+import logging
 import os
+import sys
+
+from receiver.logs import configure_logging
+from receiver.settings import secret_warnings, server_problem, worker_count
 
 # Heroku gives the port in $PORT; "[::]" accepts IPv6 and, unless IPV6_V6ONLY is set, IPv4 too.
 bind = [f"[::]:{os.environ.get('PORT', 5006)}"]
 
-# The buildpack sets WEB_CONCURRENCY from the dyno's memory (2 on a 512 MB dyno).
-workers = int(os.environ.get("WEB_CONCURRENCY", 2))
+# The buildpack sets WEB_CONCURRENCY from the dyno's memory (2 on a 512 MB dyno). With a database,
+# never more workers than DATABASE_MAX_CONNECTIONS, since each worker holds at least one connection.
+workers = worker_count(os.environ) if not server_problem(os.environ) else 1
 
-# Handlers wait on Postgres and DT's key endpoint, so threads overlap those waits.
-# The app sizes its database pool from the same variable: one connection per thread.
-# Measured with tests/benchmark.py on one core: 1x1, 2x1, 1x4, 2x4 and 4x1 workers x threads
-# give the same log-only throughput within the run-to-run noise (about 10%); with Postgres,
-# four threads overlap the database round trips, and 2 x 4 stays near 45 MB per worker.
-worker_class = "gthread"
-threads = int(os.environ.get("WEB_THREADS", 4))
+# gevent: each connection is a greenlet, so clients that trickle their bodies (scanners, bad
+# networks) cost a few KB each instead of a thread, and DT's deliveries never queue behind them.
+# Every wait of a delivery (Postgres, DT's key endpoint, the body) yields, and app.py's deadline
+# can interrupt it. psycopg 3 cooperates with gevent by itself.
+worker_class = "gevent"
+# Connections one worker serves at once; beyond it the kernel queues them.
+worker_connections = 1000
 
-# Load the app once, before forking: a bad configuration stops the server at once with one
-# clear message, boot is faster and workers share memory. Database connections open after the fork.
-preload_app = True
+# gevent patches the standard library in each worker after the fork; anything made before that (the
+# database pool's locks and threads) would block the whole worker. So each worker loads the app itself.
+preload_app = False
 
-# A worker silent this long is restarted (with gthread this is a heartbeat, not a request limit).
+# A worker silent this long is restarted (with gevent, a heartbeat, not a request limit).
 timeout = 20
 
 # On SIGTERM, in-flight requests get this long to finish: inside Heroku's 30 s before SIGKILL.
@@ -39,3 +45,21 @@ access_log_format = (
 # Gunicorn's control socket (gunicornc) is for admins on a shell; a dyno has none, and two
 # servers on one machine (tests, benchmarks) would fight over its path.
 control_socket_disable = True
+
+
+def on_starting(server):
+    """Refuse to start, with one line, a server whose settings could accept no event; warn once of weak ones."""
+    problem = server_problem(os.environ)
+    if problem:
+        print(f"receiver not started: {problem}", file=sys.stderr)
+        sys.exit(1)
+    configure_logging()
+    for warning in secret_warnings(os.environ):
+        logging.getLogger("receiver").warning(warning)
+
+
+def post_worker_init(worker):
+    """Open the worker's database pool and check the schema, in the background, as the worker starts."""
+    store = worker.wsgi.extensions.get("dt_events_store")
+    if store is not None:
+        store.start()

@@ -23,12 +23,6 @@ class ForeignOrganizationError(DeliveryError):
     status = 403
 
 
-class UnstorableEventError(DeliveryError):
-    """The event is authentic but holds text that PostgreSQL cannot store."""
-
-    status = 422
-
-
 class UnavailableError(DeliveryError):
     """Something the receiver depends on is down; DT should retry later."""
 

@@ -49,20 +49,22 @@ class SigningKeys:
         raise SignatureError("token is signed by an unknown key")
 
     def _refresh_if_due(self) -> None:
+        # The lock only claims the attempt; the fetch runs outside it, so deliveries that the keys
+        # already held can verify never wait on DT's endpoint.
         with self._lock:
             now = self._clock()
             if now - self._attempted_at < self._refresh_interval:
                 return
             self._attempted_at = now
-            try:
-                keys = self._fetch()
-            except (OSError, ValueError, jwt.PyJWTError) as error:
-                # The keys fetched before, if any, stay in use through the outage.
-                log.warning("could not fetch DT's signing keys", extra={"fields": {"error": type(error).__name__}})
-                return
-            self._keys = {key.key_id: key for key in keys if key.key_id}
-            self._fetched_at = now
-            log.info("fetched DT's signing keys", extra={"fields": {"kids": sorted(self._keys)}})
+        try:
+            keys = self._fetch()
+        except (OSError, ValueError, jwt.PyJWTError) as error:
+            # The keys fetched before, if any, stay in use through the outage.
+            log.warning("could not fetch DT's signing keys", extra={"fields": {"error": type(error).__name__}})
+            return
+        self._keys = {key.key_id: key for key in keys if key.key_id}  # one assignment: readers see old or new
+        self._fetched_at = now
+        log.info("fetched DT's signing keys", extra={"fields": {"kids": sorted(self._keys)}})
 
     def _fetch(self) -> list[jwt.PyJWK]:
         discovery_url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"

@@ -1,109 +1,138 @@
 """Keep every event in PostgreSQL, once, committed before DT is told so."""
 
 import ipaddress
+import logging
 import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from collections.abc import Iterator
 
 import psycopg
-from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .errors import UnavailableError, UnstorableEventError
+from .errors import UnavailableError
 from .events import Event
+from .logs import database_fault
+from .schema import migrate
 
-# Every wait is bounded so that DT hears 503 well inside Heroku's 30 s router timeout.
-CONNECT_TIMEOUT_SECONDS = 5
-POOL_WAIT_SECONDS = 5
+log = logging.getLogger("receiver")
+
+# Each wait is bounded on its own; the delivery's deadline (app.py) bounds them all together.
+CONNECT_TIMEOUT_SECONDS = 3
 STATEMENT_TIMEOUT_MS = 5000
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS dt_events (
-    event_id    text PRIMARY KEY,
-    event_type  text,
-    device_id   text,
-    project_id  text,
-    event_time  timestamptz,
-    labels      jsonb,
-    event       jsonb NOT NULL,
-    received_at timestamptz NOT NULL DEFAULT now()
-);
--- one device over time, and the latest event of each type per device
-CREATE INDEX IF NOT EXISTS dt_events_device_time ON dt_events (device_id, event_time DESC NULLS LAST);
-CREATE INDEX IF NOT EXISTS dt_events_device_type_time ON dt_events (device_id, event_type, event_time DESC NULLS LAST);
-CREATE INDEX IF NOT EXISTS dt_events_time ON dt_events (event_time DESC NULLS LAST);
-"""
+# A peer that stops acknowledging (a partition) fails a write after this long, and an idle one is probed.
+TCP_USER_TIMEOUT_MS = 5000
+KEEPALIVE_SECONDS = 5
+# The pool retries a failed connection for this long, then starts afresh on the next delivery: so
+# deliveries store again within seconds of the database's return, instead of after a long back-off.
+RECONNECT_SECONDS = 2
+# At start, until the table is ready, the schema check is retried this often.
+PREPARE_RETRY_SECONDS = 5
 
 INSERT = """
-INSERT INTO dt_events (event_id, event_type, device_id, project_id, event_time, labels, event)
-VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb)
+INSERT INTO dt_events (event_id, device_id, event_type, event_time, source, event)
+VALUES (%s, %s, %s, COALESCE(%s, now()), %s, %s)
 ON CONFLICT (event_id) DO NOTHING
-"""
-
-LATEST = """
-SELECT event_time, device_id, event_type, event_id, event -> 'event' -> 'data'
-FROM dt_events
-WHERE (%(device)s::text IS NULL OR device_id = %(device)s)
-  AND (%(type)s::text IS NULL OR event_type = %(type)s)
-ORDER BY event_time DESC NULLS LAST
-LIMIT %(limit)s
 """
 
 
 class EventStore:
-    """A per-process pool of connections to the events table."""
+    """A per-process pool of connections to the events table, opened in the worker that uses it."""
 
     def __init__(self, database_url: str, max_connections: int):
-        # Created closed: gunicorn forks workers after loading the app, and sockets must not be shared.
-        self._pool = ConnectionPool(
-            kwargs={**connection_options(database_url), "autocommit": True},  # the insert commits as it returns
-            min_size=1,
-            max_size=max_connections,
-            open=False,
-            timeout=POOL_WAIT_SECONDS,
-            check=ConnectionPool.check_connection,
-            configure=create_schema,
-            name="dt_events",
-        )
+        self._options = connection_options(database_url)
+        self._max_connections = max_connections
+        self._pool: ConnectionPool | None = None
+        self._started = threading.Lock()
+        self._ready = threading.Event()  # set once the table is at the latest schema
+        self.last_fault = "not connected yet"
 
-    def save(self, event: Event) -> bool:
+    def start(self) -> None:
+        """Open the pool and check the schema in the background; the caller does not wait."""
+        with self._started:
+            if self._pool is not None:
+                return
+            self._pool = ConnectionPool(
+                kwargs={**self._options, "autocommit": True},  # each insert commits as it returns
+                connection_class=type("Connection", (FaultNamingConnection,), {"store": self}),
+                min_size=1,
+                max_size=self._max_connections,
+                open=False,
+                check=ConnectionPool.check_connection,
+                reconnect_timeout=RECONNECT_SECONDS,
+                name="dt_events",
+            )
+            self._pool.open(wait=False)
+        threading.Thread(target=self._prepare, name="dt_events schema", daemon=True).start()
+
+    def save(self, event: Event, wait_seconds: float, source: str = "connector") -> bool:
         """Commit the event; return False if it was stored before."""
-        row = (event.event_id, event.event_type, event.device_id, event.project_id, event.time,
-               Jsonb(event.labels), event.text)
-        with self._connection() as connection:
-            return connection.execute(INSERT, row).rowcount == 1
-
-    def latest(self, device_id: str | None, event_type: str | None, limit: int) -> list[tuple]:
-        """Return the newest stored events, optionally of one device or type."""
-        with self._connection() as connection:
-            return connection.execute(LATEST, {"device": device_id, "type": event_type, "limit": limit}).fetchall()
+        row = (event.event_id, event.device_id, event.event_type, event.time, source, event.text)
+        with self._connection(wait_seconds) as connection:
+            try:
+                return connection.execute(INSERT, row).rowcount == 1
+            except (psycopg.DataError, UnicodeEncodeError):
+                # A NUL or a lone surrogate in a key column: keep the event under escaped keys.
+                return connection.execute(INSERT, tuple(map(escaped, row))).rowcount == 1
 
     def close(self) -> None:
         """Close every connection of this process."""
-        self._pool.close()
+        if self._pool is not None:
+            self._pool.close()
 
     @contextmanager
-    def _connection(self) -> Iterator[psycopg.Connection]:
-        """Lend a connection that commits on leaving; turn database faults into 503 or 422."""
-        if self._pool.closed:
-            self._pool.open()  # first use in this process: after gunicorn's fork
+    def _connection(self, wait_seconds: float) -> Iterator[psycopg.Connection]:
+        """Lend a pooled connection; turn database faults into 503s that name their cause."""
+        self.start()
+        give_up_at = time.monotonic() + wait_seconds
+        if not self._ready.wait(wait_seconds):
+            raise UnavailableError(f"database unavailable: {self.last_fault}")
         try:
-            with self._pool.connection() as connection:
+            with self._pool.connection(timeout=give_up_at - time.monotonic()) as connection:
                 yield connection
         except PoolTimeout:
-            raise UnavailableError("database unavailable") from None
-        except (psycopg.DataError, UnicodeEncodeError):
-            raise UnstorableEventError("event holds text PostgreSQL cannot store") from None
+            raise UnavailableError(f"database unavailable: {self.last_fault}") from None
         except psycopg.Error as error:
-            raise UnavailableError(f"database error: {type(error).__name__}") from None
+            self.last_fault = database_fault(error)
+            raise UnavailableError(f"database error: {self.last_fault}") from None
+
+    def _prepare(self) -> None:
+        """Migrate the table, logging once whether the database answered, and retry until it does."""
+        while True:
+            try:
+                with psycopg.connect(**self._options, autocommit=True) as connection:
+                    version = migrate(connection)
+            except psycopg.Error as error:
+                self.last_fault = database_fault(error)
+                log.warning("database not ready", extra={"fields": {"cause": self.last_fault}})
+                time.sleep(PREPARE_RETRY_SECONDS)
+                continue
+            log.info("database ready", extra={"fields": {"schema_version": version}})
+            self._ready.set()
+            return
 
 
-def create_schema(connection: psycopg.Connection) -> None:
-    """Create the events table and its indexes unless they exist."""
-    with connection.transaction():
-        # Concurrent CREATE ... IF NOT EXISTS can still collide; one connection at a time.
-        connection.execute("SELECT pg_advisory_xact_lock(hashtext('dt_events schema'))")
-        connection.execute(SCHEMA)
+class FaultNamingConnection(psycopg.Connection):
+    """A connection that tells the store why it could not connect, so 503s can say so."""
+
+    store: EventStore | None = None
+
+    @classmethod
+    def connect(cls, *args, **kwargs):
+        try:
+            return super().connect(*args, **kwargs)
+        except psycopg.Error as error:
+            if cls.store is not None:
+                cls.store.last_fault = database_fault(error)
+            raise
+
+
+def escaped(value):
+    """Return text with NULs and lone surrogates written as JSON escapes; other values as they are."""
+    if not isinstance(value, str):
+        return value
+    return value.replace("\x00", "\\u0000").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def connection_options(database_url: str) -> dict:
@@ -111,6 +140,10 @@ def connection_options(database_url: str) -> dict:
     options = psycopg.conninfo.conninfo_to_dict(database_url)  # raises ProgrammingError if malformed
     options.setdefault("connect_timeout", CONNECT_TIMEOUT_SECONDS)
     options.setdefault("application_name", "dt-receiver")
+    options.setdefault("tcp_user_timeout", TCP_USER_TIMEOUT_MS)
+    options.setdefault("keepalives_idle", KEEPALIVE_SECONDS)
+    options.setdefault("keepalives_interval", KEEPALIVE_SECONDS)
+    options.setdefault("keepalives_count", 2)
     options["options"] = f"{options.get('options', '')} -c statement_timeout={STATEMENT_TIMEOUT_MS}".strip()
     if "sslmode" not in options and "PGSSLMODE" not in os.environ and not is_local(options.get("host", "")):
         options["sslmode"] = "require"  # Heroku Postgres refuses plain connections

@@ -1,5 +1,6 @@
 -- wrk script: replay pre-signed DT deliveries, one "token<TAB>body" per line of the file
 -- named after `--`, each request the next line, and print the figures as one JSON line.
+-- An optional second argument skips that many lines first, so a run carries on where the last stopped.
 local deliveries = {}
 local position = 0
 
@@ -9,6 +10,7 @@ function init(args)
     local headers = {["Content-Type"] = "application/json", ["X-Dt-Signature"] = line:sub(1, tab - 1)}
     deliveries[#deliveries + 1] = wrk.format("POST", "/", headers, line:sub(tab + 1))
   end
+  position = tonumber(args[2] or "0") % #deliveries
 end
 
 function request()

@@ -1,22 +1,46 @@
-"""Measure the receiver against the bare-Flask ceiling, in one run, and write the table to the README.
+"""Measure the receiver against the bare-Flask ceiling, in interleaved rounds, and write the table to the README.
 
 Run by hand, never in CI: `python tests/benchmark.py` (needs wrk, PostgreSQL's server programs and
-taskset; about three minutes). Servers run pinned to core 0 and wrk to core 1, so they do not compete.
+taskset; about six minutes, eight with `--compare`). Servers run pinned to core 0 and wrk to core 1, so they
+do not compete.
+
+Two runs of the same case can differ by a quarter, so no case is measured in one long run: each of
+`--rounds` rounds runs every case once for `--seconds`, and the table gives each case's medians, with
+ratios computed from those medians. A slow spell of the machine then hits every case alike, and the
+order of the cases turns by one each round, so no case always follows the same neighbour. Each case's
+server is started afresh in every round (boot, warm-up, measured run, stop) rather than kept up: only
+one server is ever on the server core beside wrk, with no idle arbiters or heartbeats of the others, and
+each round samples a new process (memory layout, hash seed), so the median covers that variation too.
+Each run replays the signed deliveries from where the same case's last run stopped, so an event does not
+repeat (the Postgres sink skips a repeated event id, which would flatter it).
+
+`--compare DIR` adds any app directory as a case at every size: its Procfile's `web` command, run with
+cwd=DIR from its own virtual environment (made once per requirements.txt and Python, under ~/.cache), pinned like
+the others, given the same WEB_CONCURRENCY, the same signed deliveries and the same secret in
+DT_SIGNATURE_SECRET (the variable DT's published example reads). That example answers no GET /, so
+for that case any HTTP answer (a 405 too) means it is up. Every server binds 127.0.0.1 only.
 """
 
 import argparse
+import hashlib
 import json
 import os
+import shlex
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from helpers import ROOT, SECRET, Server, procfile_command  # noqa: E402
+from helpers import ROOT, SECRET, Server  # noqa: E402
 from postgres import PostgresServer, server_programs  # noqa: E402
 from receiver.sample import encode_body, sample_event, sign_body  # noqa: E402
 
@@ -28,6 +52,28 @@ DATABASE_CORE = LOAD_CORE  # on Heroku the database is another machine: keep it 
 CEILING_COMMAND = "gunicorn --pythonpath tests ceiling:app"
 README_START, README_END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
 SIZES = {"1 KB": 1024, "64 KB": 64 * 1024, "256 KiB (the limit)": MAX_BODY_BYTES}
+VENVS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dt-receiver-bench"
+
+
+@dataclass
+class Case:
+    """One server to measure at one body size, and the figures of its runs."""
+
+    size: str
+    name: str
+    command: str
+    deliveries: Path
+    count: int
+    folder: Path = ROOT
+    settings: dict = field(default_factory=dict)
+    any_answer: bool = False  # up on any HTTP answer to GET /, for apps that have no GET /
+    position: int = 0  # the next delivery to replay
+    runs: list = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """Return the case's name in the table."""
+        return f"{self.size}: {self.name}"
 
 
 def body_of_size(size: int, number: int) -> bytes:
@@ -47,38 +93,104 @@ def write_deliveries(path: Path, size: int, count: int) -> None:
             out.write(f"{sign_body(body, SECRET)}\t{body.decode()}\n")
 
 
-def run_wrk(url: str, deliveries: Path, seconds: int, connections: int) -> dict:
-    """Drive a server with wrk from the load core; return its figures."""
+def web_command(folder: Path) -> str:
+    """Return the `web` command of a folder's Procfile."""
+    for line in (folder / "Procfile").read_text().splitlines():
+        name, _, command = line.partition(":")
+        if name.strip() == "web":
+            return command.strip()
+    raise LookupError(f"{folder / 'Procfile'} has no web process")
+
+
+def app_environment(folder: Path) -> Path:
+    """Return a virtual environment with the folder's requirements installed, made once per requirements.txt."""
+    requirements = (folder / "requirements.txt").read_bytes()
+    key = hashlib.sha256(requirements + sys.version.encode()).hexdigest()[:16]
+    venv = VENVS / f"venv-{key}"
+    if not (venv / "installed").exists():  # absent also after an interrupted install: start over
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        install = subprocess.run([str(venv / "bin" / "pip"), "install", "-r", "requirements.txt"], cwd=folder,
+                                 capture_output=True, text=True)
+        if install.returncode:
+            sys.exit(f"pip install -r {folder / 'requirements.txt'} failed:\n{install.stdout}{install.stderr}")
+        (venv / "installed").write_text(requirements.decode())
+    return venv
+
+
+def comparison_case(folder: Path, size: str, deliveries: Path, count: int) -> Case:
+    """Return the case that runs another app folder's Procfile web command from its own environment."""
+    venv = app_environment(folder)
+    path = f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
+    return Case(size, folder.name, web_command(folder), deliveries, count, folder=folder,
+                settings={"PATH": path, "VIRTUAL_ENV": str(venv)}, any_answer=True)
+
+
+def wait_for_any_answer(server: Server, seconds: float = 15) -> float:
+    """Wait for any HTTP answer to GET / (a 404 or 405 too); return how long it took."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.output()}")
+        try:
+            urllib.request.urlopen(server.url, timeout=1).close()
+            return time.monotonic() - started
+        except urllib.error.HTTPError:
+            return time.monotonic() - started
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"server did not answer within {seconds} s:\n{server.output()}")
+
+
+def run_wrk(url: str, case: Case, seconds: int, connections: int) -> dict:
+    """Drive a server with wrk from the load core, from the case's next delivery on; return its figures."""
     command = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
-               "-s", str(ROOT / "tests" / "benchmark.lua"), url, "--", str(deliveries)]
+               "-s", str(ROOT / "tests" / "benchmark.lua"), url, "--", str(case.deliveries), str(case.position)]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    figures = json.loads(output.strip().splitlines()[-1])
+    case.position += figures["requests"] + connections  # a request in flight at the end may still have landed
+    return figures
 
 
 def worker_rss_mb(server: Server) -> float:
-    """Return the largest resident set of the server's worker processes, in MB."""
-    children = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True).stdout.split()
+    """Return the largest resident set of the server's worker processes (or of the server alone), in MB."""
+    pid = str(server.process.pid)
+    children = subprocess.run(["pgrep", "-P", pid], capture_output=True, text=True).stdout.split()
     sizes = []
-    for pid in children:
-        status = Path(f"/proc/{pid}/status").read_text()
+    for process in children or [pid]:
+        status = Path(f"/proc/{process}/status").read_text()
         sizes.append(int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))))
     return max(sizes) / 1024
 
 
-def measure(label: str, command: str, deliveries: Path, settings: dict, args, folder: Path) -> dict:
-    """Start one server, warm it, load it, and return its figures."""
-    server = Server(folder / f"{label}.log", command=f"taskset -c {SERVER_CORE} {command}", DT_SIGNATURE_SECRET=SECRET,
-                    WEB_CONCURRENCY=str(args.workers), WEB_THREADS=str(args.threads), **settings)
+def measure(case: Case, args, folder: Path, round_number: int) -> dict:
+    """Start the case's server, warm it, load it, stop it, and return the figures of this run."""
+    command = f"cd {shlex.quote(str(case.folder))} && exec taskset -c {SERVER_CORE} {case.command}"
+    server = Server(folder / f"{case.label}.log", command=command, DT_SIGNATURE_SECRET=SECRET,
+                    WEB_CONCURRENCY=str(args.workers), WEB_THREADS=str(args.threads), **case.settings)
+    server.env["GUNICORN_CMD_ARGS"] = f"--bind 127.0.0.1:{server.port}"  # loopback only, whatever the app's config
     server.start(wait=False)
-    boot_seconds = server.wait_until_up()
     try:
-        run_wrk(server.url, deliveries, args.warmup, args.connections)
-        figures = run_wrk(server.url, deliveries, args.seconds, args.connections)
-        figures.update(rss_mb=worker_rss_mb(server), boot_s=boot_seconds, label=label)
+        boot_seconds = wait_for_any_answer(server) if case.any_answer else server.wait_until_up()
+        run_wrk(server.url, case, args.warmup, args.connections)
+        figures = run_wrk(server.url, case, args.seconds, args.connections)
+        figures.update(rss_mb=worker_rss_mb(server), boot_s=boot_seconds, label=case.label, round=round_number)
     finally:
         server.stop()
     figures["events_per_s"] = figures["requests"] / figures["seconds"]
     return figures
+
+
+def summary(case: Case) -> dict:
+    """Return the case's medians over its rounds, its range of events/s, its errors and its largest worker."""
+    runs = case.runs
+    rates = [run["events_per_s"] for run in runs]
+    return {"label": case.label, "size": case.size, "own": case.folder == ROOT,
+            "events_per_s": statistics.median(rates), "low": min(rates), "high": max(rates),
+            "p50_ms": statistics.median(run["p50_ms"] for run in runs),
+            "p99_ms": statistics.median(run["p99_ms"] for run in runs),
+            "errors": sum(run["errors"] + run["non_2xx"] for run in runs),
+            "rss_mb": max(run["rss_mb"] for run in runs), "boot_s": max(run["boot_s"] for run in runs)}
 
 
 def pin_postgres(postgres: PostgresServer) -> None:
@@ -87,19 +199,22 @@ def pin_postgres(postgres: PostgresServer) -> None:
     subprocess.run(["taskset", "-a", "-p", "-c", DATABASE_CORE, pid], check=True, capture_output=True)
 
 
-def table(results: list[dict]) -> str:
-    """Return the results as a Markdown table with ratios to the ceiling of the same body size."""
-    rows = ["| case | events/s | p50 ms | p99 ms | errors | RSS/worker MB | events/s vs ceiling | p99 vs ceiling |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    ceilings = {}
+def table(results: list[dict], compared: str | None) -> str:
+    """Return the medians as a Markdown table, with ratios to the ceiling (and the compared app) of the same size."""
+    references = ["ceiling"] + ([compared] if compared else [])
+    header = "| case | events/s (median) | events/s (range) | p50 ms | p99 ms | errors | RSS/worker MB |"
+    for name in references:
+        header += f" events/s vs {name} | p99 vs {name} |"
+    rows = [header, "|---" + "|---:" * (header.count("|") - 2) + "|"]
+    by_label = {result["label"]: result for result in results}
     for result in results:
-        size = result["label"].split(": ")[0]
-        if result["label"].endswith("ceiling"):
-            ceilings[size] = result
-        ceiling = ceilings[size]
-        rows.append(f"| {result['label']} | {result['events_per_s']:.0f} | {result['p50_ms']:.2f} | {result['p99_ms']:.2f} "
-                    f"| {result['errors'] + result['non_2xx']} | {result['rss_mb']:.1f} "
-                    f"| {result['events_per_s'] / ceiling['events_per_s']:.2f} | {result['p99_ms'] / ceiling['p99_ms']:.2f} |")
+        row = (f"| {result['label']} | {result['events_per_s']:.0f} | {result['low']:.0f}-{result['high']:.0f} "
+               f"| {result['p50_ms']:.2f} | {result['p99_ms']:.2f} | {result['errors']} | {result['rss_mb']:.1f} |")
+        for name in references:
+            reference = by_label[f"{result['size']}: {name}"]
+            row += (f" {result['events_per_s'] / reference['events_per_s']:.2f} "
+                    f"| {result['p99_ms'] / reference['p99_ms']:.2f} |")
+        rows.append(row)
     return "\n".join(rows)
 
 
@@ -112,23 +227,26 @@ def write_readme(text: str) -> None:
 
 
 def main() -> None:
-    """Run every case and report."""
+    """Run every case in interleaved rounds and report the medians."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=10, help="length of each measured run")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds; each runs every case once")
+    parser.add_argument("--seconds", type=int, default=5, help="length of each measured run")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of load before each measured run")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--size", action="append", choices=SIZES, help="only these body sizes (repeatable)")
     parser.add_argument("--no-postgres", action="store_true", help="skip the Postgres case")
+    parser.add_argument("--compare", metavar="DIR", help="also run this app folder's Procfile web command")
     parser.add_argument("--no-readme", action="store_true", help="print the table only")
     args = parser.parse_args()
+    compare = Path(args.compare).resolve() if args.compare else None
 
     folder = Path(tempfile.mkdtemp(prefix="dt-receiver-bench-"))
     postgres = PostgresServer(server_programs())
     postgres.start()
     pin_postgres(postgres)
-    results = []
+    cases, database = [], None
     try:
         for size_label, size in SIZES.items():
             if args.size and size_label not in args.size:
@@ -136,33 +254,50 @@ def main() -> None:
             count = max(30, min(80_000, 60_000_000 // size))  # distinct events: enough that 1 KB never repeats
             deliveries = folder / f"{size}.txt"
             write_deliveries(deliveries, size, count)
-            results.append(measure(f"{size_label}: ceiling", CEILING_COMMAND, deliveries, {}, args, folder))
-            results.append(measure(f"{size_label}: receiver, log only", procfile_command(), deliveries, {}, args, folder))
+            cases.append(Case(size_label, "ceiling", CEILING_COMMAND, deliveries, count))
+            cases.append(Case(size_label, "receiver, log only", web_command(ROOT), deliveries, count))
             if size_label == "1 KB" and not args.no_postgres:
                 database = f"bench_{int(time.time())}"
                 with psycopg.connect(postgres.url(), autocommit=True) as connection:
                     connection.execute(f"CREATE DATABASE {database}")
-                results.append(measure(f"{size_label}: receiver, Postgres", procfile_command(), deliveries,
-                                       {"DATABASE_URL": postgres.url(database)}, args, folder))
-                with psycopg.connect(postgres.url(database)) as connection:
-                    stored = connection.execute("SELECT count(*) FROM dt_events").fetchone()[0]
-                results[-1]["rows"] = stored
-            print(json.dumps(results[-1]), file=sys.stderr)
+                cases.append(Case(size_label, "receiver, Postgres", web_command(ROOT), deliveries, count,
+                                  settings={"DATABASE_URL": postgres.url(database)}))
+            if compare:
+                cases.append(comparison_case(compare, size_label, deliveries, count))
+
+        for round_number in range(args.rounds):
+            turn = round_number % len(cases)
+            for case in cases[turn:] + cases[:turn]:
+                case.runs.append(measure(case, args, folder, round_number + 1))
+                print(json.dumps(case.runs[-1]), file=sys.stderr)
+        if database:
+            with psycopg.connect(postgres.url(database)) as connection:
+                stored = connection.execute("SELECT count(*) FROM dt_events").fetchone()[0]
+            if any(case.position > case.count for case in cases if "DATABASE_URL" in case.settings):
+                print("note: the Postgres case replayed events, which it skips as duplicates", file=sys.stderr)
     finally:
         postgres.remove()
+    shutil.rmtree(folder)  # the servers' logs: gigabytes at the larger sizes; kept when a run fails
 
-    command = (f"python tests/benchmark.py --seconds {args.seconds} --connections {args.connections} "
-               f"--workers {args.workers} --threads {args.threads}")
+    command = (f"python tests/benchmark.py --rounds {args.rounds} --seconds {args.seconds} "
+               f"--connections {args.connections} --workers {args.workers} --threads {args.threads}"
+               + (f" --compare {args.compare}" if args.compare else ""))
+    results = [summary(case) for case in cases]
     by_label = {result["label"]: result for result in results}
     notes = [f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores: each server pinned to "
              f"core {SERVER_CORE}, wrk and PostgreSQL to core {LOAD_CORE}, {args.connections} keep-alive connections, "
-             f"{args.workers} workers x {args.threads} threads, {args.seconds} s per case after {args.warmup} s of warm-up.",
-             f"Boot to first 200: {max(result['boot_s'] for result in results):.2f} s at most."]
+             f"WEB_CONCURRENCY={args.workers} and WEB_THREADS={args.threads} for every server (each reads what its own "
+             f"settings use); {args.rounds} interleaved rounds, each starting every server afresh for {args.warmup} s "
+             f"of warm-up and {args.seconds} s measured; medians of the rounds, and ratios of the medians.",
+             f"Boot to first 200: {max(result['boot_s'] for result in results if result['own']):.2f} s at most."]
+    if compare:
+        pins = ", ".join((compare / "requirements.txt").read_text().split())
+        notes.append(f"{compare.name}: its Procfile's `{web_command(compare)}` from its own environment ({pins}).")
     if "1 KB: receiver, Postgres" in by_label:
-        postgres, log_only = by_label["1 KB: receiver, Postgres"], by_label["1 KB: receiver, log only"]
-        notes.append(f"Postgres sink / log-only: {postgres['events_per_s'] / log_only['events_per_s']:.2f} of the events/s, "
-                     f"with {postgres['rows']} distinct events committed durably (synchronous_commit on).")
-    report = table(results) + "\n\n" + " ".join(notes)
+        sink, log_only = by_label["1 KB: receiver, Postgres"], by_label["1 KB: receiver, log only"]
+        notes.append(f"Postgres sink / log-only: {sink['events_per_s'] / log_only['events_per_s']:.2f} of the events/s, "
+                     f"with {stored} distinct events committed durably (synchronous_commit on).")
+    report = table(results, compare.name if compare else None) + "\n\n" + " ".join(notes)
     print(report)
     if not args.no_readme:
         write_readme(report)

@@ -25,7 +25,8 @@ settings.register_profile("deep", database=None, print_blob=True, max_examples=5
 # app.py builds its module-level `app` from the environment when it is imported.
 os.environ.setdefault("DT_SIGNATURE_SECRET", SECRET)
 
-from app import JsonLineFormatter, create_app  # noqa: E402
+from app import create_app  # noqa: E402
+from receiver.logs import JsonLineFormatter  # noqa: E402
 
 
 @pytest.fixture

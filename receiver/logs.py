@@ -1,0 +1,75 @@
+"""One logging configuration: every line of the receiver and of psycopg's pool is one JSON object on stdout."""
+
+import functools
+import json
+import logging
+import logging.config
+import re
+
+# libpq's messages name hosts and users; these fixed forms say what went wrong and nothing more.
+DATABASE_FAULTS = (
+    (re.compile(r'database "([^"]*)" does not exist'), lambda match: f'database "{match[1]}" does not exist'),
+    (re.compile(r"password authentication failed|no password supplied"), lambda _: "password authentication failed"),
+    (re.compile(r"Connection refused|could not connect"), lambda _: "connection refused"),
+    (re.compile(r"timeout|timed out|canceling statement", re.I), lambda _: "timeout"),
+    (re.compile(r"could not translate host name|Name or service not known"), lambda _: "unknown host"),
+    (re.compile(r"SSL|ssl"), lambda _: "SSL negotiation failed"),
+    (re.compile(r"too many connections|remaining connection slots"), lambda _: "too many connections"),
+    (re.compile(r"permission denied"), lambda _: "permission denied"),
+    (re.compile(r"could not extend file|No space left on device|disk full", re.I), lambda _: "disk full"),
+    (re.compile(r'relation "dt_events" does not exist|column .* does not exist'), lambda _: "table not migrated yet"),
+)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,  # gunicorn's own loggers keep their formats
+    "formatters": {"json": {"()": "receiver.logs.JsonLineFormatter"}},
+    "handlers": {
+        "events": {"class": "receiver.logs.StrictStreamHandler", "stream": "ext://sys.stdout", "formatter": "json"},
+        "libraries": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout", "formatter": "json"},
+    },
+    "loggers": {
+        "receiver": {"handlers": ["events"], "level": "INFO", "propagate": False},
+        "psycopg": {"handlers": ["libraries"], "level": "WARNING", "propagate": False},
+    },
+}
+
+
+@functools.cache  # once per process: a second dictConfig would drop handlers added since
+def configure_logging() -> None:
+    """Send the receiver's and psycopg's log lines, one JSON object each, to stdout."""
+    logging.config.dictConfig(LOGGING)
+
+
+class StrictStreamHandler(logging.StreamHandler):
+    """A stream handler that raises when a line cannot be written, so no event is answered 200 unlogged."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        raise  # the write's own exception, from emit's except block
+
+
+class JsonLineFormatter(logging.Formatter):
+    """Format a record and its `fields` as one line of JSON; a library's exception becomes a short cause."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage() if record.name == "receiver" else library_message(record)
+        line = {"level": record.levelname.lower(), "msg": message, **getattr(record, "fields", {})}
+        return json.dumps(line, default=str)
+
+
+def library_message(record: logging.LogRecord) -> str:
+    """Return a library's message with its exceptions named by cause and its connections unnamed."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    shown = tuple(database_fault(arg) if isinstance(arg, BaseException)
+                  else arg if isinstance(arg, (str, int, float)) else type(arg).__name__ for arg in args)
+    return f"{record.name}: " + (record.msg % shown if shown else str(record.msg))
+
+
+def database_fault(error: BaseException) -> str:
+    """Name a database fault in a short fixed form, without hosts, users, passwords or URLs."""
+    text = str(error)
+    for pattern, describe in DATABASE_FAULTS:
+        match = pattern.search(text)
+        if match:
+            return describe(match)
+    return type(error).__name__

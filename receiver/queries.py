@@ -1,0 +1,110 @@
+"""Read, count, add and prune stored events for the commands, on one short-lived connection."""
+
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+
+import psycopg
+from psycopg.rows import dict_row
+
+from .events import parse_event
+from .logs import database_fault
+from .schema import migrate
+from .store import connection_options
+
+HISTORY_BATCH = 1000
+PRUNE_BATCH = 5000
+
+LATEST = """
+SELECT event_time, received_at, device_id, event_type, event_id, source, event
+FROM dt_events
+WHERE (%(device)s::text IS NULL OR device_id = %(device)s)
+  AND (%(type)s::text IS NULL OR event_type = %(type)s)
+  AND (%(since)s::timestamptz IS NULL OR event_time >= %(since)s)
+ORDER BY event_time DESC
+LIMIT %(limit)s
+"""
+
+# One round trip per batch; ON CONFLICT keeps rows already there (pushed rows carry labels and metadata).
+INSERT_HISTORY = """
+INSERT INTO dt_events (event_id, device_id, event_type, event_time, source, event)
+SELECT event_id, device_id, event_type, COALESCE(event_time, now()), 'history', event
+FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::text[])
+     AS batch (event_id, device_id, event_type, event_time, event)
+ON CONFLICT (event_id) DO NOTHING
+"""
+
+PRUNE_ONE_BATCH = """
+DELETE FROM dt_events WHERE event_id IN (
+    SELECT event_id FROM dt_events WHERE event_time < %s ORDER BY event_time LIMIT %s
+)
+"""
+
+# Rows, and their share of the table's bytes on disk (heap, TOAST and indexes), older than a time.
+PRUNE_ESTIMATE = """
+SELECT count(*) AS rows,
+       (count(*) * pg_total_relation_size('dt_events') / greatest(
+           (SELECT reltuples FROM pg_class WHERE oid = 'dt_events'::regclass), 1))::bigint AS bytes
+FROM dt_events WHERE event_time < %s
+"""
+
+
+class DatabaseError(Exception):
+    """The database could not be reached or used; the message names the cause in a few words."""
+
+
+@contextmanager
+def connect(database_url: str) -> Iterator[psycopg.Connection]:
+    """Open one autocommit connection with the table migrated; turn any database fault into one line."""
+    try:
+        with psycopg.connect(**connection_options(database_url), autocommit=True, row_factory=dict_row) as connection:
+            migrate(connection)
+            yield connection
+    except psycopg.Error as error:
+        raise DatabaseError(database_fault(error)) from None
+
+
+def latest(connection: psycopg.Connection, device: str | None, event_type: str | None, since: datetime | None,
+           limit: int) -> list[dict]:
+    """Return the newest stored events, newest first, with their bodies parsed where JSON allows."""
+    found = connection.execute(LATEST, {"device": device, "type": event_type, "since": since, "limit": limit}).fetchall()
+    for row in found:
+        row["event"] = json.loads(row["event"])
+    return found
+
+
+def add_history(connection: psycopg.Connection, events: Iterable[dict]) -> int:
+    """Store events fetched from DT's history (an `event` object each) unless stored already; return how many are new."""
+    added = 0
+    for batch in batches(events, HISTORY_BATCH):
+        # The same columns a pushed event gets; the body is what DT's history holds: the event alone.
+        parsed = [parse_event(json.dumps({"event": event}, separators=(",", ":"), ensure_ascii=False).encode())
+                  for event in batch]
+        columns = [[event.event_id for event in parsed], [event.device_id for event in parsed],
+                   [event.event_type for event in parsed], [event.time for event in parsed], [event.text for event in parsed]]
+        added += connection.execute(INSERT_HISTORY, columns).rowcount
+    return added
+
+
+def batches(items: Iterable, size: int) -> Iterator[list]:
+    """Yield lists of at most `size` items."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def prune_estimate(connection: psycopg.Connection, before: datetime) -> dict:
+    """Return how many rows are older than a time and about how many bytes deleting them frees."""
+    return connection.execute(PRUNE_ESTIMATE, (before,)).fetchone()
+
+
+def prune(connection: psycopg.Connection, before: datetime) -> Iterator[int]:
+    """Delete events older than a time in short transactions; yield how many each one deleted."""
+    while deleted := connection.execute(PRUNE_ONE_BATCH, (before, PRUNE_BATCH)).rowcount:
+        yield deleted

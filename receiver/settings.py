@@ -1,0 +1,68 @@
+"""Say, in one line each, what is wrong with the settings the web server needs (standard library only)."""
+
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+DATABASE_SCHEMES = ("postgres", "postgresql")
+SECRETS = ("DT_SIGNATURE_SECRET", "DT_SIGNATURE_SECRET_PREVIOUS")
+MIN_SECRET_BYTES = 32
+WHOLE_NUMBERS = ("WEB_CONCURRENCY", "DATABASE_MAX_CONNECTIONS")
+# Heroku Postgres essential-0 allows 20 connections: two dynos of 8 leave 4 for `heroku run` and psql.
+DEFAULT_CONNECTION_BUDGET = 8
+
+
+def verification_problem(settings: Mapping[str, str]) -> str | None:
+    """Return why no delivery could be verified with these settings, or None."""
+    if settings.get("DT_SIGNATURE_SECRET") or settings.get("DT_ORGANIZATION_ID"):
+        return None
+    return ("set DT_SIGNATURE_SECRET (the Data Connector's Signature Secret), "
+            "DT_ORGANIZATION_ID (to verify DT-Asymmetric-Signature), or both")
+
+
+def secret_warnings(settings: Mapping[str, str]) -> list[str]:
+    """Return a warning for each secret too short to resist guessing."""
+    return [f"{name} is shorter than {MIN_SECRET_BYTES} bytes: use a longer random secret"
+            for name in SECRETS if settings.get(name) and len(settings[name].encode()) < MIN_SECRET_BYTES]
+
+
+def database_problem(settings: Mapping[str, str]) -> str | None:
+    """Return why DATABASE_URL cannot name a PostgreSQL database, or None (also when it is unset)."""
+    url = settings.get("DATABASE_URL")
+    if not url or "://" not in url and "=" in url:  # unset, or libpq's key=value form
+        return None
+    scheme = urlsplit(url).scheme
+    if scheme not in DATABASE_SCHEMES:
+        return f"DATABASE_URL must start with postgres:// or postgresql://, not {scheme + '://' if scheme else 'without a scheme'}"
+    return None
+
+
+def number_problem(settings: Mapping[str, str]) -> str | None:
+    """Return which whole-number setting is not a positive whole number, or None."""
+    for name in WHOLE_NUMBERS:
+        value = settings.get(name)
+        if value is not None and not (value.strip().isdigit() and int(value) > 0):
+            return f"{name} must be a positive whole number, not {value!r}"
+    return None
+
+
+def server_problem(settings: Mapping[str, str]) -> str | None:
+    """Return the first reason the web server must not start, or None."""
+    return verification_problem(settings) or database_problem(settings) or number_problem(settings)
+
+
+def worker_count(settings: Mapping[str, str]) -> int:
+    """Return how many gunicorn workers to run: WEB_CONCURRENCY, but never more than the connection budget."""
+    workers = int(settings.get("WEB_CONCURRENCY") or 2)
+    if settings.get("DATABASE_URL"):
+        workers = min(workers, connection_budget(settings))  # each worker holds at least one connection
+    return workers
+
+
+def connection_budget(settings: Mapping[str, str]) -> int:
+    """Return the most database connections one dyno may hold."""
+    return int(settings.get("DATABASE_MAX_CONNECTIONS") or DEFAULT_CONNECTION_BUDGET)
+
+
+def connections_per_worker(settings: Mapping[str, str]) -> int:
+    """Return one worker's share of the dyno's connection budget."""
+    return max(1, connection_budget(settings) // worker_count(settings))
