@@ -38,9 +38,11 @@ class SigningKeys:
         self._lock = threading.Lock()
 
     def key_for(self, kid: str) -> jwt.PyJWK:
-        """Return the key with this id, refreshing the set when it is unknown or old."""
-        if kid not in self._keys or self._clock() - self._fetched_at > self._max_age:
+        """Return the key with this id, refreshing the set when it is unknown (waiting) or old (in the background)."""
+        if kid not in self._keys:
             self._refresh_if_due()
+        elif self._clock() - self._fetched_at > self._max_age and self._refresh_is_due():
+            threading.Thread(target=self._refresh_if_due, name="DT signing keys", daemon=True).start()
         key = self._keys.get(kid)
         if key is not None:
             return key
@@ -48,14 +50,16 @@ class SigningKeys:
             raise UnavailableError("DT's signing keys could not be fetched")
         raise SignatureError("token is signed by an unknown key")
 
+    def _refresh_is_due(self) -> bool:
+        return self._clock() - self._attempted_at >= self._refresh_interval
+
     def _refresh_if_due(self) -> None:
         # The lock only claims the attempt; the fetch runs outside it, so deliveries that the keys
         # already held can verify never wait on DT's endpoint.
         with self._lock:
-            now = self._clock()
-            if now - self._attempted_at < self._refresh_interval:
+            if not self._refresh_is_due():
                 return
-            self._attempted_at = now
+            now = self._attempted_at = self._clock()
         try:
             keys = self._fetch()
         except (OSError, ValueError, jwt.PyJWTError) as error:
