@@ -6,7 +6,7 @@ import time
 from collections.abc import Mapping
 
 import gevent
-from flask import Flask, Response, request
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from receiver import on_event
@@ -24,6 +24,8 @@ MAX_BODY_BYTES = 256 * 1024  # DT events are a few KB; this bounds what one requ
 DEADLINE_SECONDS = 7.0
 # The pool's own wait ends this much before the deadline, so a queued delivery hears why.
 POOL_MARGIN_SECONDS = 0.5
+# An uptime monitor's check answers within this.
+HEALTH_SECONDS = 3.0
 HINT = "DT Data Connector receiver is up: point a Data Connector at this URL (it accepts POST).\n"
 
 log = logging.getLogger("receiver")
@@ -68,6 +70,18 @@ def register_routes(app: Flask, verifier: Verifier | None, store: EventStore | N
     @app.get("/")
     def hint() -> Response:
         return plain_text(HINT, 200)
+
+    @app.get("/health")
+    def health() -> Response:
+        problems = {}
+        with gevent.Timeout(HEALTH_SECONDS, False):  # an unanswered check is a failed one
+            problems = {"configuration": problem} if problem else {}
+            if store is not None and (fault := store.check(HEALTH_SECONDS - 0.5)):
+                problems["database"] = fault
+            if verifier is not None and verifier.keys is not None and not verifier.keys.held():
+                problems["signing_keys"] = "DT's signing keys could not be fetched"
+            return jsonify(ok=not problems, problems=problems), 503 if problems else 200
+        return jsonify(ok=False, problems={"health": f"checks took over {HEALTH_SECONDS:g} s"}), 503
 
     @app.post("/")
     def receive() -> Response:

@@ -3,6 +3,7 @@
 import json
 import re
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -83,6 +84,122 @@ def register_commands(app: Flask, settings: Mapping[str, str]) -> None:
             click.echo("no stored events match", err=True)
         for row in found:
             click.echo(json.dumps(as_record(row), default=str) if as_json else as_text(row))
+
+
+    @app.cli.command("backfill")
+    @click.option("--since", type=Moment(), required=True, help="Start of the window: RFC 3339, or 36h, 3d back from now.")
+    @click.option("--until", type=Moment(), help="End of the window (default: now).")
+    @click.option("--project", "projects", multiple=True, help="A project id (repeatable; default: every one the account sees).")
+    @click.option("--device", "devices", multiple=True, help="Only this device id (repeatable).")
+    @click.option("--type", "event_types", multiple=True, help="Only this event type (repeatable).")
+    def backfill(since: datetime, until: datetime | None, projects: tuple[str, ...], devices: tuple[str, ...],
+                 event_types: tuple[str, ...]) -> None:
+        """Store the events DT's history holds for a window that are not stored yet (after an outage)."""
+        url = database_url()
+        history = dt_history()
+        until = until or datetime.now(timezone.utc)
+        if since >= until:
+            raise click.BadParameter("--since must be before --until", param_hint="--since")
+        started = time.monotonic()
+        tally = {"devices": 0, "fetched": 0, "new": 0}
+        with database(url) as connection, dt_api(history) as account:
+            targets = [(project, device) for project in projects or history.list_project_ids(account)
+                       for device in history.list_device_ids(account, project, devices or None)]
+            with click.progressbar(targets, label="backfill", file=sys.stderr,
+                                   item_show_func=lambda _: "{devices} devices, {fetched} fetched, {new} new".format(**tally)) as bar:
+                for project, device in bar:
+                    events = counted(history.iter_events(account, project, device, since, until, event_types or None), tally)
+                    tally["new"] += queries.add_history(connection, events)
+                    tally["devices"] += 1
+        click.echo(f"backfill: {tally['devices']} devices, {tally['fetched']} events fetched, {tally['new']} new, "
+                   f"{tally['fetched'] - tally['new']} already stored, {time.monotonic() - started:.1f} s")
+
+    @app.cli.command("prune")
+    @click.option("--older-than", "older_than", type=Moment(), required=True,
+                  help="Delete events from before this time: a duration back from now (90d) or RFC 3339.")
+    @click.option("--dry-run", is_flag=True, help="Only say how many rows and bytes it would free.")
+    def prune(older_than: datetime, dry_run: bool) -> None:
+        """Delete old events in short batches, so deliveries never wait on a long transaction."""
+        with database(database_url()) as connection:
+            estimate = queries.prune_estimate(connection, older_than)
+            if dry_run:
+                click.echo(f"prune: would delete {estimate['rows']} events from before {older_than:%Y-%m-%d %H:%M} UTC, "
+                           f"about {megabytes(estimate['bytes'])} of the table")
+                return
+            deleted = 0
+            with click.progressbar(length=estimate["rows"], label="prune", file=sys.stderr) as bar:
+                for batch in queries.prune(connection, older_than):
+                    deleted += batch
+                    bar.update(batch)
+        click.echo(f"prune: deleted {deleted} events from before {older_than:%Y-%m-%d %H:%M} UTC; "
+                   "PostgreSQL reuses the space for new events")
+
+    @app.cli.command("status")
+    @click.option("--connector", help="A Data Connector id: also show DT's delivery counters (needs a service account).")
+    @click.option("--project", help="The Data Connector's project id (with --connector).")
+    def status(connector: str | None, project: str | None) -> None:
+        """Say whether events keep arriving: the newest, recent counts, silent devices, backfilled rows, size."""
+        if connector and not project:
+            raise click.UsageError("--connector needs --project: the id of the project the Data Connector is in")
+        with database(database_url()) as connection:
+            report = queries.status(connection)
+        for line in status_lines(report, settings):
+            click.echo(line)
+        if connector:
+            history = dt_history()
+            with dt_api(history) as account:
+                metrics = history.fetch_metrics(account, project, connector)
+            click.echo(f"connector {connector}, last 3 hours (DT's counters): {metrics.get('successCount', 0)} delivered, "
+                       f"{metrics.get('errorCount', 0)} failed, p99 latency {metrics.get('latency99p', '-')}")
+
+    def dt_history():
+        """Import DT's client only for the commands that talk to DT (it reads credentials files at import)."""
+        try:
+            from . import history
+        except Exception as error:  # e.g. DT_CREDENTIALS_FILE names a missing file
+            raise click.ClickException(f"DT's client could not start: {type(error).__name__}: {error}") from None
+        return history
+
+    @contextmanager
+    def dt_api(history) -> Iterator:
+        """Lend the service account; turn DT's API faults into one line."""
+        try:
+            yield history.load_account(settings)
+        except history.HistoryError as error:
+            raise click.ClickException(str(error)) from None
+
+
+def counted(events: Iterator[dict], tally: dict) -> Iterator[dict]:
+    """Pass events through, counting them in the tally."""
+    for event in events:
+        tally["fetched"] += 1
+        yield event
+
+
+def status_lines(report: dict, settings: Mapping[str, str]) -> list[str]:
+    """Return the status report as lines for people."""
+    newest = report["newest"]
+    lines = [f"newest event: {newest['event_time']:%Y-%m-%d %H:%M:%S} UTC ({newest['event_type']}, device "
+             f"{newest['device_id']}), arrived {newest['received_at']:%Y-%m-%d %H:%M:%S} UTC"
+             if newest else "newest event: none stored yet"]
+    lines += [f"  {row['event_type']}: {row['last_hour']} in the last hour, {row['last_day']} in the last day"
+              for row in report["by_type"]] or ["  no events in the last day"]
+    silent = report["silent"]
+    lines.append(f"silent devices: {len(silent)}" + (" (newest event much older than their usual interval)" if silent else ""))
+    lines += [f"  {row['device_id']}: newest {row['newest']:%Y-%m-%d %H:%M} UTC, usually every "
+              f"{row['usual_interval'].total_seconds() / 60:.0f} min" for row in silent[:20]]
+    sources = report["sources"]
+    lines.append(f"backfilled: {sources['history']} of the {sources['all_events']} events of the last 7 days came from DT's history")
+    sizes = report["sizes"]
+    plan_mb = settings.get("DATABASE_PLAN_MB")
+    full = f", {sizes['database_bytes'] / (int(plan_mb) * 1024 * 1024):.0%} of the plan's {plan_mb} MB" if plan_mb else ""
+    lines.append(f"size: events table {megabytes(sizes['table_bytes'])}, database {megabytes(sizes['database_bytes'])}{full}")
+    return lines
+
+
+def megabytes(size: int | None) -> str:
+    """Return a byte count in MB for people."""
+    return f"{(size or 0) / 1e6:.1f} MB"
 
 
 def as_record(row: dict) -> dict:

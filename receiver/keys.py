@@ -50,6 +50,12 @@ class SigningKeys:
             raise UnavailableError("DT's signing keys could not be fetched")
         raise SignatureError("token is signed by an unknown key")
 
+    def held(self) -> bool:
+        """Tell whether any key is held, fetching the set first if none is."""
+        if not self._keys:
+            self._refresh_if_due()
+        return bool(self._keys)
+
     def _refresh_is_due(self) -> bool:
         return self._clock() - self._attempted_at >= self._refresh_interval
 

@@ -108,3 +108,40 @@ def prune(connection: psycopg.Connection, before: datetime) -> Iterator[int]:
     """Delete events older than a time in short transactions; yield how many each one deleted."""
     while deleted := connection.execute(PRUNE_ONE_BATCH, (before, PRUNE_BATCH)).rowcount:
         yield deleted
+
+
+NEWEST = "SELECT event_time, received_at, device_id, event_type FROM dt_events ORDER BY event_time DESC LIMIT 1"
+
+RECENT_BY_TYPE = """
+SELECT event_type, count(*) FILTER (WHERE event_time >= now() - interval '1 hour') AS last_hour, count(*) AS last_day
+FROM dt_events WHERE event_time >= now() - interval '1 day'
+GROUP BY event_type ORDER BY last_day DESC
+"""
+
+# A device is silent when its newest event of the last week is older than three of its usual intervals
+# (and at least an hour): a sensor out of range or out of battery, or a connector that stopped.
+SILENT_DEVICES = """
+SELECT device_id, max(event_time) AS newest, (max(event_time) - min(event_time)) / (count(*) - 1) AS usual_interval
+FROM dt_events WHERE event_time >= now() - interval '7 days' AND device_id IS NOT NULL
+GROUP BY device_id HAVING count(*) > 1
+   AND now() - max(event_time) > greatest(3 * (max(event_time) - min(event_time)) / (count(*) - 1), interval '1 hour')
+ORDER BY newest
+"""
+
+SOURCES = """
+SELECT count(*) FILTER (WHERE source = 'history') AS history, count(*) AS all_events
+FROM dt_events WHERE event_time >= now() - interval '7 days'
+"""
+
+SIZES = "SELECT pg_total_relation_size('dt_events') AS table_bytes, pg_database_size(current_database()) AS database_bytes"
+
+
+def status(connection: psycopg.Connection) -> dict:
+    """Return what `status` reports: the newest event, recent counts by type, silent devices, sources and sizes."""
+    return {
+        "newest": connection.execute(NEWEST).fetchone(),
+        "by_type": connection.execute(RECENT_BY_TYPE).fetchall(),
+        "silent": connection.execute(SILENT_DEVICES).fetchall(),
+        "sources": connection.execute(SOURCES).fetchone(),
+        "sizes": connection.execute(SIZES).fetchone(),
+    }

@@ -5,7 +5,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
@@ -28,7 +28,7 @@ KEEPALIVE_SECONDS = 5
 # deliveries store again within seconds of the database's return, instead of after a long back-off.
 RECONNECT_SECONDS = 2
 # At start, until the table is ready, the schema check is retried this often.
-PREPARE_RETRY_SECONDS = 5
+PREPARE_RETRY_SECONDS = 2
 
 INSERT = """
 INSERT INTO dt_events (event_id, device_id, event_type, event_time, source, event)
@@ -76,6 +76,15 @@ class EventStore:
                 # A NUL or a lone surrogate in a key column: keep the event under escaped keys.
                 return connection.execute(INSERT, tuple(map(escaped, row))).rowcount == 1
 
+    def check(self, wait_seconds: float) -> str | None:
+        """Return None if the database answers a query within the wait, else why not."""
+        try:
+            with self._connection(wait_seconds) as connection:
+                connection.execute("SELECT 1")
+        except UnavailableError as error:
+            return str(error)
+        return None
+
     def close(self) -> None:
         """Close every connection of this process."""
         if self._pool is not None:
@@ -98,14 +107,17 @@ class EventStore:
             raise UnavailableError(f"database error: {self.last_fault}") from None
 
     def _prepare(self) -> None:
-        """Migrate the table, logging once whether the database answered, and retry until it does."""
+        """Migrate the table, logging whether the database answered (and each new cause), until it is ready."""
+        reported = None
         while True:
             try:
                 with psycopg.connect(**self._options, autocommit=True) as connection:
                     version = migrate(connection)
             except psycopg.Error as error:
                 self.last_fault = database_fault(error)
-                log.warning("database not ready", extra={"fields": {"cause": self.last_fault}})
+                if self.last_fault != reported:
+                    log.warning("database not ready", extra={"fields": {"cause": self.last_fault}})
+                    reported = self.last_fault
                 time.sleep(PREPARE_RETRY_SECONDS)
                 continue
             log.info("database ready", extra={"fields": {"schema_version": version}})
