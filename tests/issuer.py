@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 ORGANIZATION_ID = "org-c0md3mm0c7bet3vico8g"
+CURVES = {"ES256": ec.SECP256R1, "ES384": ec.SECP384R1}
 
 
 class Issuer:
@@ -18,26 +19,30 @@ class Issuer:
 
     def __init__(self):
         self.private_keys = {}  # kid -> key, all it can sign with
+        self.algorithms = {}  # kid -> the alg its JWK names
         self.published = []  # kids listed in its JWKS
         self.available = True
+        self.delay = 0.0  # seconds each answer hangs before it is sent, as a slow or stuck endpoint does
         self.jwks_requests = 0
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}/data-connector"
         threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
 
-    def add_key(self, kid: str, publish: bool = True) -> None:
-        """Make a new P-256 key, published in the JWKS unless told otherwise."""
-        self.private_keys[kid] = ec.generate_private_key(ec.SECP256R1())
+    def add_key(self, kid: str, publish: bool = True, algorithm: str = "ES256") -> None:
+        """Make a new key for ES256 (P-256, as DT's) or ES384 (P-384), published in the JWKS unless told otherwise."""
+        self.private_keys[kid] = ec.generate_private_key(CURVES[algorithm]())
+        self.algorithms[kid] = algorithm
         if publish:
             self.published.append(kid)
 
-    def token(self, body: bytes, kid: str, algorithm: str = "ES256", key=None, **claims) -> str:
-        """Return a token like DT's for these bytes; claims given replace DT's (None removes one)."""
+    def token(self, body: bytes, kid: str, algorithm: str | None = None, key=None, **claims) -> str:
+        """Return a token like DT's for these bytes, in the key's algorithm unless told; claims given replace DT's."""
         now = int(time.time())
         payload = {"iss": self.url, "sub": ORGANIZATION_ID, "iat": now, "exp": now + 3600,
                    "checksum_sha256": hashlib.sha256(body).hexdigest()}
         payload.update(claims)
         payload = {name: value for name, value in payload.items() if value is not None}
+        algorithm = algorithm or self.algorithms.get(kid, "ES256")
         return jwt.encode(payload, key or self.private_keys[kid], algorithm=algorithm, headers={"kid": kid})
 
     def public_pem(self, kid: str) -> bytes:
@@ -56,7 +61,7 @@ class Issuer:
         if path.endswith("/jwks"):
             self.jwks_requests += 1
             keys = [{**json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self.private_keys[kid].public_key())),
-                     "kid": kid, "use": "sig", "alg": "ES256"} for kid in self.published]
+                     "kid": kid, "use": "sig", "alg": self.algorithms[kid]} for kid in self.published]
             return {"keys": keys}
         return None
 
@@ -65,14 +70,18 @@ class Issuer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
+                time.sleep(issuer.delay)
                 document = issuer._documents(self.path) if issuer.available else None
                 status = 200 if document is not None else (503 if not issuer.available else 404)
                 payload = json.dumps(document or {}).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except OSError:
+                    pass  # the client stopped waiting for a slow answer
 
             def log_message(self, *args):
                 pass

@@ -4,8 +4,11 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from helpers import free_port
@@ -48,8 +51,47 @@ class PostgresServer:
         """Stop the server: `fast` as a restart does, `immediate` as a crash does."""
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
 
+    def freeze(self) -> None:
+        """Stop every process of the server with SIGSTOP, as a storage stall or a hung host looks from outside."""
+        postmaster = self._postmaster()
+        if postmaster is None:
+            raise RuntimeError("the server is not running")
+        os.kill(postmaster, signal.SIGSTOP)  # first, so it forks no new backend meanwhile
+        for pid in self._children(postmaster):
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let every process of a frozen server run again (harmless on a running one)."""
+        postmaster = self._postmaster()
+        if postmaster is None:
+            return
+        for pid in self._children(postmaster):
+            os.kill(pid, signal.SIGCONT)
+        os.kill(postmaster, signal.SIGCONT)
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Keep the server frozen for the block; it thaws however the block ends, since the cluster is shared."""
+        try:
+            self.freeze()
+            yield
+        finally:
+            self.thaw()
+
+    def _postmaster(self) -> int | None:
+        try:
+            return int((self.data / "postmaster.pid").read_text().splitlines()[0])
+        except (OSError, IndexError, ValueError):
+            return None
+
+    @staticmethod
+    def _children(pid: int) -> list[int]:
+        found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+        return [int(child) for child in found]
+
     def remove(self) -> None:
         """Stop the server if it runs and delete its files."""
+        self.thaw()  # a frozen server would never stop
         subprocess.run([*self.run_as, str(self.programs / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"],
                        capture_output=True)
         shutil.rmtree(self.folder, ignore_errors=True)
