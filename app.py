@@ -14,7 +14,7 @@ from receiver.commands import register_commands
 from receiver.errors import DeliveryError, UnavailableError
 from receiver.events import Event, parse_event
 from receiver.keys import SigningKeys
-from receiver.logs import configure_logging
+from receiver.logs import JsonText, configure_logging
 from receiver.settings import SECRETS, connections_per_worker, server_problem
 from receiver.signatures import DT_ISSUER, Verifier
 from receiver.store import EventStore
@@ -73,7 +73,6 @@ def register_routes(app: Flask, verifier: Verifier | None, store: EventStore | N
 
     @app.get("/health")
     def health() -> Response:
-        problems = {}
         with gevent.Timeout(HEALTH_SECONDS, False):  # an unanswered check is a failed one
             problems = {"configuration": problem} if problem else {}
             if store is not None and (fault := store.check(HEALTH_SECONDS - 0.5)):
@@ -100,7 +99,10 @@ def register_routes(app: Flask, verifier: Verifier | None, store: EventStore | N
                 pool_wait = deadline - time.monotonic() - POOL_MARGIN_SECONDS
                 outcome = "stored" if store.save(event, pool_wait) else "duplicate"
             run_event_handler(event)
-            log.info(f"event {outcome}", extra={"fields": event_fields(event)})  # raises if the line is lost
+            try:
+                log.info(f"event {outcome}", extra={"fields": event_fields(event)})
+            except OSError:  # stdout closed or full: without its line, a log-only event would be lost
+                raise UnavailableError("log line could not be written") from None
         return plain_text(outcome + "\n", 200)
 
     @app.errorhandler(DeliveryError)
@@ -116,11 +118,6 @@ def register_routes(app: Flask, verifier: Verifier | None, store: EventStore | N
         response = rejection(error.code, reason)
         response.headers.update({k: v for k, v in error.get_headers() if k == "Allow"})
         return response
-
-    @app.errorhandler(OSError)
-    def turn_away_unlogged(error: OSError) -> Response:
-        # The event's log line could not be written (stdout closed or full): DT must send it again.
-        return rejection(503, "log line could not be written", retry_after=UnavailableError.retry_after_seconds)
 
 
 def run_event_handler(event: Event) -> None:
@@ -140,23 +137,19 @@ def event_fields(event: Event) -> dict:
         "device_id": event.device_id,
         "project_id": event.project_id,
         "timestamp": event.timestamp,
-        "labels": event.labels,
-        "data": event.data,
         "request_id": request.headers.get("X-Request-Id"),
+        "body": JsonText.of(event),
     }
 
 
-def rejection(status: int, reason: str, retry_after: int | None = None) -> Response:
+def rejection(status: int, reason: str) -> Response:
     """Log why a request is turned away and answer with the reason."""
     fields = {"status": status, "reason": reason, "request_id": request.headers.get("X-Request-Id")}
     try:
         log.warning("request rejected", extra={"fields": fields})
     except OSError:
-        pass  # the answer still tells DT
-    response = plain_text(reason + "\n", status)
-    if retry_after is not None:
-        response.headers["Retry-After"] = str(retry_after)
-    return response
+        pass  # the answer itself still tells DT why
+    return plain_text(reason + "\n", status)
 
 
 def plain_text(text: str, status: int) -> Response:

@@ -20,6 +20,9 @@ DATABASE_FAULTS = (
     (re.compile(r'relation "dt_events" does not exist|column .* does not exist'), lambda _: "table not migrated yet"),
 )
 
+# What a valid JSON text may hold raw that some readers take for the end of a line.
+LINE_BREAK = re.compile("[\n\r\x85\u2028\u2029]")
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,  # gunicorn's own loggers keep their formats
@@ -48,13 +51,29 @@ class StrictStreamHandler(logging.StreamHandler):
         raise  # the write's own exception, from emit's except block
 
 
+class JsonText(str):
+    """JSON text that a log line holds as it is, instead of serialising its parse again."""
+
+    @classmethod
+    def of(cls, event) -> "JsonText":
+        """Return an event's body as received, or re-serialised if it holds a line break (a log line must not)."""
+        text = event.text
+        return cls(json.dumps(event.body) if LINE_BREAK.search(text) else text)
+
+
 class JsonLineFormatter(logging.Formatter):
     """Format a record and its `fields` as one line of JSON; a library's exception becomes a short cause."""
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage() if record.name == "receiver" else library_message(record)
-        line = {"level": record.levelname.lower(), "msg": message, **getattr(record, "fields", {})}
-        return json.dumps(line, default=str)
+        fields = getattr(record, "fields", {})
+        line = {"level": record.levelname.lower(), "msg": message}
+        line.update((name, value) for name, value in fields.items() if not isinstance(value, JsonText))
+        text = json.dumps(line, default=str)
+        for name, value in fields.items():
+            if isinstance(value, JsonText):
+                text = f'{text[:-1]}, "{name}": {value}}}'
+        return text
 
 
 def library_message(record: logging.LogRecord) -> str:

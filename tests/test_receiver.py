@@ -22,8 +22,8 @@ def test_signed_event_is_accepted_and_logged(client, log_lines):
     assert line["device_id"] == "emuc2f3h2lbr9a5ks2vncg0"
     assert line["project_id"] == "c0md3mm0c7bet3vico8g"
     assert line["timestamp"] == event["event"]["timestamp"]
-    assert line["labels"] == event["labels"]
-    assert line["data"]["temperature"]["isBackfilled"] is False
+    assert line["body"] == event  # the whole body, labels and metadata included
+    assert line["body"]["event"]["data"]["temperature"]["isBackfilled"] is False
     assert line["request_id"] == "req-42"
 
 
