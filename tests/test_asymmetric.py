@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from helpers import SECRET, base64url, hand_made_hs256, signed_delivery
+from helpers import SECRET, FakeClock, base64url, hand_made_hs256, signed_delivery
 from issuer import ORGANIZATION_ID
 from receiver.errors import SignatureError, UnavailableError
 from receiver.keys import SigningKeys
@@ -14,16 +14,6 @@ from receiver.sample import encode_body, sample_event
 from receiver.signatures import verify_asymmetric_token
 
 BODY = encode_body(sample_event(event_id="asym-1"))
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
