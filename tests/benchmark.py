@@ -167,7 +167,7 @@ def measure(case: Case, args, folder: Path, round_number: int) -> dict:
     """Start the case's server, warm it, load it, stop it, and return the figures of this run."""
     command = f"cd {shlex.quote(str(case.folder))} && exec taskset -c {SERVER_CORE} {case.command}"
     server = Server(folder / f"{case.label}.log", command=command, DT_SIGNATURE_SECRET=SECRET,
-                    WEB_CONCURRENCY=str(args.workers), WEB_THREADS=str(args.threads), **case.settings)
+                    WEB_CONCURRENCY=str(args.workers), **case.settings)
     server.env["GUNICORN_CMD_ARGS"] = f"--bind 127.0.0.1:{server.port}"  # loopback only, whatever the app's config
     server.start(wait=False)
     try:
@@ -234,7 +234,6 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="seconds of load before each measured run")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--size", action="append", choices=SIZES, help="only these body sizes (repeatable)")
     parser.add_argument("--no-postgres", action="store_true", help="skip the Postgres case")
     parser.add_argument("--compare", metavar="DIR", help="also run this app folder's Procfile web command")
@@ -280,14 +279,13 @@ def main() -> None:
     shutil.rmtree(folder)  # the servers' logs: gigabytes at the larger sizes; kept when a run fails
 
     command = (f"python tests/benchmark.py --rounds {args.rounds} --seconds {args.seconds} "
-               f"--connections {args.connections} --workers {args.workers} --threads {args.threads}"
+               f"--connections {args.connections} --workers {args.workers}"
                + (f" --compare {args.compare}" if args.compare else ""))
     results = [summary(case) for case in cases]
     by_label = {result["label"]: result for result in results}
     notes = [f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores: each server pinned to "
              f"core {SERVER_CORE}, wrk and PostgreSQL to core {LOAD_CORE}, {args.connections} keep-alive connections, "
-             f"WEB_CONCURRENCY={args.workers} and WEB_THREADS={args.threads} for every server (each reads what its own "
-             f"settings use); {args.rounds} interleaved rounds, each starting every server afresh for {args.warmup} s "
+             f"WEB_CONCURRENCY={args.workers} for every server; {args.rounds} interleaved rounds, each starting every server afresh for {args.warmup} s "
              f"of warm-up and {args.seconds} s measured; medians of the rounds, and ratios of the medians.",
              f"Boot to first 200: {max(result['boot_s'] for result in results if result['own']):.2f} s at most."]
     if compare:
