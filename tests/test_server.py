@@ -1,5 +1,6 @@
 """The Procfile's web command, run for real on a loopback port and driven over HTTP."""
 
+import os
 import signal
 import socket
 import subprocess
@@ -99,3 +100,20 @@ def test_server_answers_on_ipv4_and_ipv6(start_server):
         with socket.create_connection((host, server.port), timeout=10) as connection:
             connection.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
             assert connection.makefile("rb").readline() == b"HTTP/1.1 200 OK\r\n"
+
+
+def test_log_only_event_is_not_acknowledged_when_its_line_cannot_be_written(tmp_path):
+    """In log-only mode the log line is the event's only copy: with stdout gone, the answer is 503, never 200."""
+    server = Server(tmp_path / "unused.log", DT_SIGNATURE_SECRET=SECRET)
+    reader, writer = os.pipe()
+    server.process = subprocess.Popen(server.command, shell=True, executable="bash", cwd=ROOT, env=server.env,
+                                      stdout=writer, stderr=subprocess.DEVNULL, start_new_session=True)
+    os.close(writer)
+    try:
+        server.wait_until_up()
+        assert server.post(*signed_delivery())[0] == 200  # the pipe is read: the line is written
+        os.read(reader, 1 << 20)
+        os.close(reader)  # now every write to stdout fails
+        assert server.post(*signed_delivery()) == (503, "log line could not be written\n")
+    finally:
+        server.stop()
