@@ -11,7 +11,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from receiver import on_event
 from receiver.commands import register_commands
-from receiver.errors import DeliveryError, UnavailableError
+from receiver.errors import ConfigError, DeliveryError, UnavailableError
 from receiver.events import Event, parse_event
 from receiver.keys import SigningKeys
 from receiver.logs import JsonText, configure_logging
@@ -40,8 +40,11 @@ def create_app(config: Mapping[str, str] | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES + 1
     problem = server_problem(settings)
     verifier = None if problem else build_verifier(settings)
-    store = None if problem else build_store(settings)
-    app.extensions["dt_events_store"] = store
+    try:
+        store = None if problem else build_store(settings)
+    except ConfigError as error:  # what only libpq can tell, and the web server's master must not import
+        problem, store = str(error), None
+    app.extensions.update(dt_events_store=store, dt_receiver_problem=problem)
     register_routes(app, verifier, store, problem)
     register_commands(app, settings)
     return app

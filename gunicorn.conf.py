@@ -2,6 +2,7 @@
 # Heroku's Python buildpack also sets GUNICORN_CMD_ARGS, which takes priority over this file.
 import logging
 import os
+import subprocess
 import sys
 
 from receiver.logs import configure_logging
@@ -49,7 +50,7 @@ control_socket_disable = True
 
 def on_starting(server):
     """Refuse to start, with one line, a server whose settings could accept no event; warn once of weak ones."""
-    problem = server_problem(os.environ)
+    problem = server_problem(os.environ) or libpq_problem()
     if problem:
         print(f"receiver not started: {problem}", file=sys.stderr)
         sys.exit(1)
@@ -58,8 +59,28 @@ def on_starting(server):
         logging.getLogger("receiver").warning(warning)
 
 
+def libpq_problem():
+    """Return why libpq cannot read DATABASE_URL, asked of a child process, or None.
+
+    This process forks the workers and must not import psycopg: psycopg picks its way of waiting when
+    imported, and only a worker that gevent has patched first gets one that the deadline can interrupt.
+    """
+    if not os.environ.get("DATABASE_URL"):
+        return None
+    check = "from app import app; print(app.extensions['dt_receiver_problem'] or '')"
+    child = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
+    return child.stdout.strip() or None
+
+
 def post_worker_init(worker):
     """Open the worker's database pool and check the schema, in the background, as the worker starts."""
     store = worker.wsgi.extensions.get("dt_events_store")
     if store is not None:
         store.start()
+
+
+def worker_exit(server, worker):
+    """Close the worker's database pool while gevent still runs, so its threads end without a traceback."""
+    store = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("dt_events_store")
+    if store is not None:
+        store.close()

@@ -15,6 +15,7 @@ import psycopg
 from flask import Flask
 
 from . import queries
+from .errors import ConfigError
 from .events import parse_timestamp
 from .sample import SAMPLE_DATA, encode_body, sample_event, sign_body
 from .settings import database_problem
@@ -48,9 +49,9 @@ def register_commands(app: Flask, settings: Mapping[str, str]) -> None:
         """Return DATABASE_URL, or stop with one line saying how to set it."""
         problem = database_problem(settings)
         if problem:
-            raise click.UsageError(problem)
+            raise click.ClickException(problem)
         if not settings.get("DATABASE_URL"):
-            raise click.UsageError("this command reads the database: set DATABASE_URL "
+            raise click.ClickException("this command reads the database: set DATABASE_URL "
                                    "(on Heroku: heroku addons:create heroku-postgresql:essential-0)")
         return settings["DATABASE_URL"]
 
@@ -63,7 +64,7 @@ def register_commands(app: Flask, settings: Mapping[str, str]) -> None:
         """Sign a sample event with DT_SIGNATURE_SECRET, as DT does, and POST it to URL."""
         secret = settings.get("DT_SIGNATURE_SECRET")
         if not secret:
-            raise click.UsageError("send signs with DT_SIGNATURE_SECRET: set it to the receiver's secret")
+            raise click.ClickException("send signs with DT_SIGNATURE_SECRET: set it to the receiver's secret")
         body = encode_body(sample_event(event_type, event_id))
         status, answer = post(url, body, {SIGNATURE_HEADER: sign_body(body, secret)}, timeout)
         click.echo(f"{status} {answer.strip()}")
@@ -227,6 +228,8 @@ def database(url: str) -> Iterator[psycopg.Connection]:
             yield connection
     except queries.DatabaseError as error:
         raise click.ClickException(f"database unavailable: {error}") from None
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
 
 
 def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> tuple[int, str]:

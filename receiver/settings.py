@@ -30,7 +30,10 @@ def database_problem(settings: Mapping[str, str]) -> str | None:
     url = settings.get("DATABASE_URL")
     if not url or "://" not in url and "=" in url:  # unset, or libpq's key=value form
         return None
-    scheme = urlsplit(url).scheme
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError:  # e.g. an unclosed [ around an IPv6 host
+        return "DATABASE_URL is not a URL: check its host part"
     if scheme not in DATABASE_SCHEMES:
         return f"DATABASE_URL must start with postgres:// or postgresql://, not {scheme + '://' if scheme else 'without a scheme'}"
     return None

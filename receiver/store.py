@@ -3,6 +3,7 @@
 import ipaddress
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from contextlib import contextmanager
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from .errors import UnavailableError
+from .errors import ConfigError, UnavailableError
 from .events import Event
 from .logs import database_fault
 from .schema import migrate
@@ -149,7 +150,12 @@ def escaped(value):
 
 def connection_options(database_url: str) -> dict:
     """Return connection settings for a DATABASE_URL in Heroku's form or libpq's."""
-    options = psycopg.conninfo.conninfo_to_dict(database_url)  # raises ProgrammingError if malformed
+    try:
+        options = psycopg.conninfo.conninfo_to_dict(database_url)
+    except psycopg.ProgrammingError as error:  # its message quotes the part it could not read: maybe the password
+        unknown = re.search(r'invalid URI query parameter: "(\w+)"', str(error))
+        raise ConfigError(f"DATABASE_URL has a parameter libpq does not know: ?{unknown[1]}=" if unknown
+                          else "DATABASE_URL cannot be read by libpq: check its %-escapes and its port") from None
     options.setdefault("connect_timeout", CONNECT_TIMEOUT_SECONDS)
     options.setdefault("application_name", "dt-receiver")
     options.setdefault("tcp_user_timeout", TCP_USER_TIMEOUT_MS)
