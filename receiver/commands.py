@@ -142,6 +142,9 @@ def register_commands(app: Flask, settings: Mapping[str, str]) -> None:
         """Say whether events keep arriving: the newest, recent counts, silent devices, backfilled rows, size."""
         if connector and not project:
             raise click.UsageError("--connector needs --project: the id of the project the Data Connector is in")
+        plan_mb = settings.get("DATABASE_PLAN_MB")
+        if plan_mb and not (plan_mb.strip().isdigit() and int(plan_mb) > 0):
+            raise click.ClickException("DATABASE_PLAN_MB must be your plan's size in whole MB (1024 for essential-0)")
         with database(database_url()) as connection:
             report = queries.status(connection)
         for line in status_lines(report, settings):

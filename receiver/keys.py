@@ -14,6 +14,7 @@ from .errors import SignatureError, UnavailableError
 log = logging.getLogger("receiver")
 
 MAX_DISCOVERY_BYTES = 64 * 1024
+EMPTY_RETRY_SECONDS = 5.0
 
 
 class SigningKeys:
@@ -57,7 +58,9 @@ class SigningKeys:
         return bool(self._keys)
 
     def _refresh_is_due(self) -> bool:
-        return self._clock() - self._attempted_at >= self._refresh_interval
+        # With no key at all every delivery waits on the set: try again sooner than the usual interval.
+        interval = self._refresh_interval if self._keys else min(self._refresh_interval, EMPTY_RETRY_SECONDS)
+        return self._clock() - self._attempted_at >= interval
 
     def _refresh_if_due(self) -> None:
         # The lock only claims the attempt; the fetch runs outside it, so deliveries that the keys

@@ -11,7 +11,7 @@ from psycopg.rows import dict_row
 from .events import parse_event
 from .logs import database_fault
 from .schema import migrate
-from .store import connection_options
+from .store import connection_options, escaped
 
 HISTORY_BATCH = 1000
 PRUNE_BATCH = 5000
@@ -30,7 +30,7 @@ LIMIT %(limit)s
 INSERT_HISTORY = """
 INSERT INTO dt_events (event_id, device_id, event_type, event_time, source, event)
 SELECT event_id, device_id, event_type, COALESCE(event_time, now()), 'history', event
-FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::text[])
+FROM unnest(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::text[])
      AS batch (event_id, device_id, event_type, event_time, event)
 ON CONFLICT (event_id) DO NOTHING
 """
@@ -45,7 +45,7 @@ DELETE FROM dt_events WHERE event_id IN (
 PRUNE_ESTIMATE = """
 SELECT count(*) AS rows,
        (count(*) * pg_total_relation_size('dt_events') / greatest(
-           (SELECT reltuples FROM pg_class WHERE oid = 'dt_events'::regclass), 1))::bigint AS bytes
+           (SELECT reltuples FROM pg_class WHERE oid = 'dt_events'::regclass), count(*), 1))::bigint AS bytes
 FROM dt_events WHERE event_time < %s
 """
 
@@ -79,11 +79,16 @@ def add_history(connection: psycopg.Connection, events: Iterable[dict]) -> int:
     added = 0
     for batch in batches(events, HISTORY_BATCH):
         # The same columns a pushed event gets; the body is what DT's history holds: the event alone.
-        parsed = [parse_event(json.dumps({"event": event}, separators=(",", ":"), ensure_ascii=False).encode())
-                  for event in batch]
+        # A lone surrogate (DT's JSON may escape one) is written back as that escape, as a pushed body keeps it.
+        parsed = [parse_event(json.dumps({"event": event}, separators=(",", ":"), ensure_ascii=False)
+                              .encode("utf-8", "backslashreplace")) for event in batch]
         columns = [[event.event_id for event in parsed], [event.device_id for event in parsed],
                    [event.event_type for event in parsed], [event.time for event in parsed], [event.text for event in parsed]]
-        added += connection.execute(INSERT_HISTORY, columns).rowcount
+        try:
+            added += connection.execute(INSERT_HISTORY, columns).rowcount
+        except (psycopg.DataError, UnicodeEncodeError):
+            # A NUL or a lone surrogate in a key column: keep the batch under escaped keys, as EventStore.save does.
+            added += connection.execute(INSERT_HISTORY, [list(map(escaped, column)) for column in columns]).rowcount
     return added
 
 

@@ -47,6 +47,7 @@ class EventStore:
         self._pool: ConnectionPool | None = None
         self._started = threading.Lock()
         self._ready = threading.Event()  # set once the table is at the latest schema
+        self._closed = threading.Event()
         self.last_fault = "not connected yet"
 
     def start(self) -> None:
@@ -81,13 +82,15 @@ class EventStore:
         """Return None if the database answers a query within the wait, else why not."""
         try:
             with self._connection(wait_seconds) as connection:
-                connection.execute("SELECT 1")
+                # Heroku revokes INSERT when a plan is full: a database that answers may still refuse events.
+                may_insert = connection.execute("SELECT has_table_privilege('dt_events', 'INSERT')").fetchone()[0]
         except UnavailableError as error:
             return str(error)
-        return None
+        return None if may_insert else "database refuses new events: permission denied (is the plan full?)"
 
     def close(self) -> None:
-        """Close every connection of this process."""
+        """Close every connection of this process, and stop trying to prepare the table."""
+        self._closed.set()
         if self._pool is not None:
             self._pool.close()
 
@@ -110,20 +113,22 @@ class EventStore:
     def _prepare(self) -> None:
         """Migrate the table, logging whether the database answered (and each new cause), until it is ready."""
         reported = None
-        while True:
+        while not self._closed.is_set():
             try:
-                with psycopg.connect(**self._options, autocommit=True) as connection:
+                with self._pool.connection(timeout=CONNECT_TIMEOUT_SECONDS) as connection:  # within the budget
                     version = migrate(connection)
+            except PoolTimeout:
+                pass  # the pool's own attempt has just named the cause
             except psycopg.Error as error:
                 self.last_fault = database_fault(error)
-                if self.last_fault != reported:
-                    log.warning("database not ready", extra={"fields": {"cause": self.last_fault}})
-                    reported = self.last_fault
-                time.sleep(PREPARE_RETRY_SECONDS)
-                continue
-            log.info("database ready", extra={"fields": {"schema_version": version}})
-            self._ready.set()
-            return
+            else:
+                log.info("database ready", extra={"fields": {"schema_version": version}})
+                self._ready.set()
+                return
+            if self.last_fault != reported:
+                log.warning("database not ready", extra={"fields": {"cause": self.last_fault}})
+                reported = self.last_fault
+            self._closed.wait(PREPARE_RETRY_SECONDS)
 
 
 class FaultNamingConnection(psycopg.Connection):

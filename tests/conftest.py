@@ -33,12 +33,18 @@ from receiver.logs import JsonLineFormatter  # noqa: E402
 def make_app():
     """Return a builder of apps from settings; the signature secret is set unless overridden."""
 
+    apps = []
+
     def build(**settings):
         app = create_app({"DT_SIGNATURE_SECRET": SECRET, **settings})
         app.config["TESTING"] = True
+        apps.append(app)
         return app
 
-    return build
+    yield build
+    for app in apps:  # stop each pool and its schema check, as a worker does on exit
+        if app.extensions["dt_events_store"] is not None:
+            app.extensions["dt_events_store"].close()
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ class Issuer:
             self.published.append(kid)
 
     def token(self, body: bytes, kid: str, algorithm: str | None = None, key=None, **claims) -> str:
-        """Return a token like DT's for these bytes, in the key's algorithm unless told; claims given replace DT's."""
+        """Return a token like DT's for these bytes in the key's algorithm; claims given replace DT's (None removes one)."""
         now = int(time.time())
         payload = {"iss": self.url, "sub": ORGANIZATION_ID, "iat": now, "exp": now + 3600,
                    "checksum_sha256": hashlib.sha256(body).hexdigest()}

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from helpers import free_port
@@ -65,9 +65,9 @@ class PostgresServer:
         postmaster = self._postmaster()
         if postmaster is None:
             return
-        for pid in self._children(postmaster):
-            os.kill(pid, signal.SIGCONT)
-        os.kill(postmaster, signal.SIGCONT)
+        for pid in [*self._children(postmaster), postmaster]:
+            with suppress(ProcessLookupError):  # a backend may have ended since it was listed
+                os.kill(pid, signal.SIGCONT)
 
     @contextmanager
     def frozen(self) -> Iterator[None]:
@@ -86,7 +86,7 @@ class PostgresServer:
 
     @staticmethod
     def _children(pid: int) -> list[int]:
-        found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+        found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout.split()
         return [int(child) for child in found]
 
     def remove(self) -> None:

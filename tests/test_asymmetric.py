@@ -3,10 +3,11 @@
 import base64
 import hashlib
 import json
+import time
 
 import pytest
 
-from helpers import SECRET, FakeClock, base64url, hand_made_hs256, signed_delivery
+from helpers import SECRET, FakeClock, base64url, claims_for, hand_made_hs256, signed_delivery, token_with
 from issuer import ORGANIZATION_ID
 from receiver.errors import SignatureError, UnavailableError
 from receiver.keys import SigningKeys
@@ -53,6 +54,36 @@ def test_hs256_made_with_the_public_key_is_refused(asymmetric_client, issuer):
     payload = json.loads(base64.urlsafe_b64decode(issuer.token(BODY, "k1").split(".")[1] + "=="))
     token = hand_made_hs256({"alg": "HS256", "typ": "JWT", "kid": "k1"}, payload, issuer.public_pem("k1"))
     assert post_asymmetric(asymmetric_client, token) == (401, "token algorithm is not allowed")
+
+
+def test_es384_token_from_a_published_es384_key_is_refused(asymmetric_client, issuer):
+    """Only ES256 is accepted, even from a P-384 key the issuer publishes for ES384 under its own kid."""
+    issuer.add_key("p384", algorithm="ES384")
+    assert post_asymmetric(asymmetric_client, issuer.token(BODY, "p384")) == (401, "token algorithm is not allowed")
+
+
+SKEWS = [
+    # (case, iat and exp relative to now, status, reason): DT's clock may be a minute off ours, and no more.
+    ("expired 30 s ago", -3630, -30, 200, "logged"),
+    ("expired 90 s ago", -3690, -90, 401, "token has expired"),
+    ("issued 30 s ahead", 30, 3630, 200, "logged"),
+    ("issued 90 s ahead", 90, 3690, 401, "token is not valid yet"),
+]
+
+
+@pytest.mark.parametrize("header", ["X-Dt-Signature", "DT-Asymmetric-Signature"])
+@pytest.mark.parametrize("case, iat, exp, status, reason", SKEWS, ids=[row[0] for row in SKEWS])
+def test_clock_skew_leeway_is_one_minute(make_app, issuer, header, case, iat, exp, status, reason):
+    """Either signature's exp and iat pass up to a minute off the receiver's clock, and fail beyond it."""
+    now = int(time.time())
+    if header == "X-Dt-Signature":
+        client = make_app().test_client()
+        token = token_with(claims_for(BODY, iat=now + iat, exp=now + exp))
+    else:
+        client = make_app(DT_SIGNATURE_SECRET="", DT_ORGANIZATION_ID=ORGANIZATION_ID, DT_ISSUER=issuer.url).test_client()
+        token = issuer.token(BODY, "k1", iat=now + iat, exp=now + exp)
+    answer = client.post("/", data=BODY, headers={header: token})
+    assert (answer.status_code, answer.text) == (status, reason + "\n")
 
 
 def test_token_without_kid_is_refused(asymmetric_client, issuer):
@@ -116,16 +147,17 @@ def test_unknown_kid_refreshes_once_per_interval_then_finds_the_new_key(issuer):
 
 
 def test_endpoint_down_with_no_keys_recovers_on_a_later_attempt(issuer):
-    """After a failed first fetch, the next attempt past the interval fetches and verifies."""
+    """With no key held, a failed fetch is tried again after 5 s, sooner than the usual 30 s interval."""
     clock = FakeClock()
     keys = SigningKeys(issuer.url, refresh_interval=30, clock=clock)
     issuer.available = False
     with pytest.raises(UnavailableError):
         keys.key_for("k1")
     issuer.available = True
+    clock.now += 4
     with pytest.raises(UnavailableError):
-        keys.key_for("k1")  # inside the interval: no new fetch
-    clock.now += 31
+        keys.key_for("k1")  # too soon: no new fetch
+    clock.now += 1
     assert keys.key_for("k1").key_id == "k1"
 
 
