@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import gevent
+
 from receiver.logs import configure_logging
 from receiver.settings import secret_warnings, server_problem, worker_count
 
@@ -84,3 +86,12 @@ def worker_exit(server, worker):
     store = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("dt_events_store")
     if store is not None:
         store.close()
+
+
+def post_request(worker, req, environ, resp):
+    """Let the worker's other connections run before this one's next request.
+
+    A keep-alive connection whose next request has already arrived is otherwise served again at once:
+    measured with 16 connections on one worker, p99 fell from 390-700 ms to 6-16 ms with this yield.
+    """
+    gevent.sleep(0)
