@@ -60,8 +60,9 @@ class EventStore:
                 connection_class=type("Connection", (FaultNamingConnection,), {"store": self}),
                 min_size=1,
                 max_size=self._max_connections,
+                # No check on every lend: it costs a round trip per event (Postgres sink 0.58 -> 0.66 of
+                # log-only). A connection that broke while idle fails one delivery, 503, and is discarded.
                 open=False,
-                check=ConnectionPool.check_connection,
                 reconnect_timeout=RECONNECT_SECONDS,
                 name="dt_events",
             )
