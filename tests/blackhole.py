@@ -2,6 +2,8 @@
 
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class Blackhole:
@@ -28,6 +30,15 @@ class Blackhole:
             self._links = [link for link in self._links if link not in broken]
         for link in broken:
             link.close()
+
+    @contextmanager
+    def silenced(self) -> Iterator[None]:
+        """Swallow traffic for the block; forwarding resumes however the block ends."""
+        self.swallow()
+        try:
+            yield
+        finally:
+            self.forward()
 
     def close(self) -> None:
         """Stop listening and close every connection."""

@@ -13,6 +13,7 @@ from hypothesis import settings
 from psycopg import sql
 
 from helpers import SECRET, Server
+from dt_api import PROJECT, DTApi
 from issuer import Issuer
 from postgres import PostgresServer, server_programs
 
@@ -102,6 +103,15 @@ def database_url(postgres, request):
     with psycopg.connect(postgres.url(), autocommit=True) as connection:
         connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return postgres.url(name)
+
+
+@pytest.fixture
+def dt_api():
+    """Return a local stand-in for DT's REST API and token endpoint, holding one project the account is a member of."""
+    stand_in = DTApi()
+    stand_in.add_project(PROJECT)
+    yield stand_in
+    stand_in.close()
 
 
 @pytest.fixture

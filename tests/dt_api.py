@@ -37,6 +37,9 @@ ROUTES = [
 ]
 
 
+PROJECT = "c0md3mm0c7bet3vico8g"  # the project of receiver.sample's events
+
+
 class ApiError(Exception):
     """An answer other than 200, with DT's error body."""
 
@@ -79,6 +82,11 @@ class DTApi:
         threading.Thread(target=self._server.serve_forever, args=(0.01,), daemon=True).start()
 
     # -- loading data ---------------------------------------------------------------------------------
+
+    def settings(self) -> dict:
+        """Return the settings that point DT's client at this stand-in, with its service account."""
+        return {"DT_SERVICE_ACCOUNT_KEY_ID": self.key_id, "DT_SERVICE_ACCOUNT_SECRET": self.secret,
+                "DT_SERVICE_ACCOUNT_EMAIL": self.email, "DT_API_URL": self.url, "DT_AUTH_URL": self.token_url}
 
     def add_project(self, project_id: str, display_name: str | None = None, member: bool = True) -> None:
         """Add a project; one the service account is not a member of answers 403, as DT does."""

@@ -70,6 +70,15 @@ class PostgresServer:
                 os.kill(pid, signal.SIGCONT)
 
     @contextmanager
+    def stopped(self) -> Iterator[None]:
+        """Keep the server stopped for the block (connections refused); it starts again however the block ends."""
+        self.stop("fast")
+        try:
+            yield
+        finally:
+            self.start()
+
+    @contextmanager
     def frozen(self) -> Iterator[None]:
         """Keep the server frozen for the block; it thaws however the block ends, since the cluster is shared."""
         try:

@@ -11,43 +11,12 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from dt_api import DTApi, history_event, hours_ago
+from dt_api import PROJECT, DTApi, history_event, hours_ago
 from helpers import SECRET, free_port, signed_delivery
 from receiver.sample import encode_body, sample_event
 
-PROJECT = "c0md3mm0c7bet3vico8g"  # the project of sample_event's events
 SUMMARY = re.compile(r"backfill: (\d+) devices, (\d+) events fetched, (\d+) new, (\d+) already stored, \d+\.\d s")
 BENCHMARK_EVENTS = 100_000
-
-
-@pytest.fixture
-def make_app(make_app):
-    """Return conftest's builder of apps, closing every database pool the apps opened when the test ends."""
-    apps = []
-
-    def build(**settings):
-        apps.append(make_app(**settings))
-        return apps[-1]
-
-    yield build
-    for app in apps:
-        if app.extensions["dt_events_store"] is not None:
-            app.extensions["dt_events_store"].close()
-
-
-@pytest.fixture
-def dt_api():
-    """Return a running stand-in for DT's API holding one project the service account is a member of."""
-    stand_in = DTApi()
-    stand_in.add_project(PROJECT)
-    yield stand_in
-    stand_in.close()
-
-
-def dt_settings(dt_api: DTApi) -> dict:
-    """Return the settings that point the commands at the stand-in with its service account."""
-    return {"DT_SERVICE_ACCOUNT_KEY_ID": dt_api.key_id, "DT_SERVICE_ACCOUNT_SECRET": dt_api.secret,
-            "DT_SERVICE_ACCOUNT_EMAIL": dt_api.email, "DT_API_URL": dt_api.url, "DT_AUTH_URL": dt_api.token_url}
 
 
 def run(app, *args: str):
@@ -112,7 +81,7 @@ def outage(make_app, database_url, dt_api):
 
     Return the app, every event of the last 48 hours by id, and the pushed bodies by id.
     """
-    app = make_app(DATABASE_URL=database_url, **dt_settings(dt_api))
+    app = make_app(DATABASE_URL=database_url, **dt_api.settings())
     client = app.test_client()
     now = datetime.now(timezone.utc)
     window, pushed = {}, {}
@@ -207,7 +176,7 @@ def test_every_page_is_fetched_and_the_options_narrow_it(make_app, database_url,
     """Across pages of 3 projects, 3 devices and 7 events, backfill stores exactly the events its options select, once."""
     stand_in, events = many_pages_api()
     try:
-        app = make_app(DATABASE_URL=database_url, **dt_settings(stand_in))
+        app = make_app(DATABASE_URL=database_url, **stand_in.settings())
         result = run(app, "backfill", "--since", "48h", *options)
         expected = {event_id for project, device, kind, age, event_id in events
                     if age < 48 and wanted(project, device, kind, age)}
@@ -257,7 +226,7 @@ def test_429_and_503_now_and_then_are_retried(make_app, database_url):
             events = [history_event(PROJECT, device, when=hours_ago(n / 2)) for n in range(1, 13)]  # 3 pages each
             stand_in.add_events(PROJECT, device, events)
             expected |= {event["eventId"] for event in events}
-        app = make_app(DATABASE_URL=database_url, **dt_settings(stand_in))
+        app = make_app(DATABASE_URL=database_url, **stand_in.settings())
 
         started = time.monotonic()
         result = run(app, "backfill", "--since", "12h")
@@ -281,7 +250,7 @@ def test_a_run_cut_short_is_completed_by_the_next(make_app, database_url):
             events = [history_event(PROJECT, device, when=hours_ago(n / 2)) for n in range(1, 13)]
             stand_in.add_events(PROJECT, device, events)
             expected |= {event["eventId"] for event in events}
-        app = make_app(DATABASE_URL=database_url, **dt_settings(stand_in))
+        app = make_app(DATABASE_URL=database_url, **stand_in.settings())
 
         message = error_line(run(app, "backfill", "--since", "12h"))
         assert message.startswith("DT does not know device emucut1 in project")
@@ -307,7 +276,7 @@ def test_an_event_postgres_text_refuses_does_not_stop_the_run(make_app, database
     events = [history_event(PROJECT, "emuodd", when=hours_ago(hours)) for hours in (1, 2, 3)]
     spoil(events[1])
     dt_api.add_events(PROJECT, "emuodd", events)
-    app = make_app(DATABASE_URL=database_url, **dt_settings(dt_api))
+    app = make_app(DATABASE_URL=database_url, **dt_api.settings())
     assert tally(run(app, "backfill", "--since", "5h")) == (1, 3, 3, 0)
     assert len(stored_ids(database_url)) == 3
 
@@ -353,7 +322,7 @@ def test_a_failure_is_one_line_naming_what_to_fix(make_app, database_url, dt_api
     dt_api.add_project("c0notmine", member=False)
     dt_api.add_device(PROJECT, "emuerr0")
     dt_api.add_events(PROJECT, "emuerr0", [history_event(PROJECT, "emuerr0", when=hours_ago(1))])
-    settings = dt_settings(dt_api)
+    settings = dt_api.settings()
     settings.update(change(settings, dt_api))
     app = make_app(DATABASE_URL=database_url, **{name: value for name, value in settings.items() if value is not None})
 
@@ -369,7 +338,7 @@ def test_a_failure_is_one_line_naming_what_to_fix(make_app, database_url, dt_api
 @pytest.mark.parametrize("command", [["backfill", "--since", "3d"], ["status"]])
 def test_without_database_url_the_command_says_to_set_it(make_app, dt_api, command):
     """Without DATABASE_URL, backfill and status stop at once with one line naming the variable, asking DT nothing."""
-    result = run(make_app(**dt_settings(dt_api)), *command)
+    result = run(make_app(**dt_api.settings()), *command)
     assert result.exit_code != 0
     assert error_line(result, exit_code=result.exit_code).startswith("this command reads the database: set DATABASE_URL")
     assert dt_api.requests == 0
@@ -390,7 +359,7 @@ def test_since_a_duration_back_from_now(make_app, database_url, dt_api, options,
     dt_api.add_device(PROJECT, "emuwindow")
     events = {age: history_event(PROJECT, "emuwindow", when=hours_ago(age)) for age in inside + outside}
     dt_api.add_events(PROJECT, "emuwindow", list(events.values()))
-    app = make_app(DATABASE_URL=database_url, **dt_settings(dt_api))
+    app = make_app(DATABASE_URL=database_url, **dt_api.settings())
 
     asked = datetime.now(timezone.utc)
     result = run(app, "backfill", *options)
@@ -412,7 +381,7 @@ def test_since_and_until_as_rfc_3339_times(make_app, database_url, dt_api, since
     events = {clock: history_event(PROJECT, "emuwindow", when=datetime.fromisoformat(f"2026-11-20T{clock}:00+00:00"))
               for clock in times}
     dt_api.add_events(PROJECT, "emuwindow", list(events.values()))
-    app = make_app(DATABASE_URL=database_url, **dt_settings(dt_api))
+    app = make_app(DATABASE_URL=database_url, **dt_api.settings())
 
     assert tally(run(app, "backfill", "--since", since, "--until", until))[1:3] == (2, 2)
     assert stored_ids(database_url) == {events[clock]["eventId"] for clock, inside in times.items() if inside}
@@ -430,7 +399,7 @@ def test_since_and_until_as_rfc_3339_times(make_app, database_url, dt_api, since
 ])
 def test_a_bad_window_is_a_usage_error(make_app, database_url, dt_api, options, words):
     """A time that is neither RFC 3339 with a zone nor a duration, a window ending before it starts, or no --since: exit 2, asking DT nothing."""
-    app = make_app(DATABASE_URL=database_url, **dt_settings(dt_api))
+    app = make_app(DATABASE_URL=database_url, **dt_api.settings())
     assert error_line(run(app, "backfill", *options), exit_code=2).startswith(words)
     assert dt_api.requests == 0
 
@@ -465,7 +434,7 @@ def test_backfilling_many_events_takes_seconds_in_few_round_trips(make_app, data
             stand_in.add_events(PROJECT, device, [
                 history_event(PROJECT, device, when=now - timedelta(seconds=(n + 1) * 5), event_id=f"{device}-{n:05d}")
                 for n in range(per_device)])
-        app = make_app(DATABASE_URL=database_url, **dt_settings(stand_in))
+        app = make_app(DATABASE_URL=database_url, **stand_in.settings())
         run(app, "status")  # the table exists before the count starts
         committed = transactions(database_url)
 
@@ -489,7 +458,7 @@ def test_backfilling_many_events_takes_seconds_in_few_round_trips(make_app, data
 
 def test_status_shows_newest_counts_silent_devices_and_backfilled(make_app, database_url, dt_api):
     """After pushed and backfilled events of two types, status names the newest, counts by type, the silent device and the backfilled rows."""
-    app = make_app(DATABASE_URL=database_url, **dt_settings(dt_api))
+    app = make_app(DATABASE_URL=database_url, **dt_api.settings())
     client = app.test_client()
     for device in ("emulive", "emutouch", "emusilent", "emuonce"):
         dt_api.add_device(PROJECT, device)
@@ -547,7 +516,7 @@ def test_status_with_the_database_down_is_one_line(make_app):
 def test_status_shows_the_data_connectors_counters_from_dt(make_app, database_url, dt_api):
     """`status --connector C --project P` adds DT's delivery counters of the Data Connector."""
     dt_api.add_data_connector(PROJECT, "c16eegpdidie7lltpefg", success_count=9, error_count=2, latency99p="0.411s")
-    app = make_app(DATABASE_URL=database_url, **dt_settings(dt_api))
+    app = make_app(DATABASE_URL=database_url, **dt_api.settings())
     result = run(app, "status", "--connector", "c16eegpdidie7lltpefg", "--project", PROJECT)
     assert result.exit_code == 0
     assert result.stdout.splitlines()[-1] == (
@@ -556,7 +525,7 @@ def test_status_shows_the_data_connectors_counters_from_dt(make_app, database_ur
 
 def test_status_names_a_connector_dt_does_not_know(make_app, database_url, dt_api):
     """An unknown connector ends the report with one line naming it, and exit status 1."""
-    app = make_app(DATABASE_URL=database_url, **dt_settings(dt_api))
+    app = make_app(DATABASE_URL=database_url, **dt_api.settings())
     result = run(app, "status", "--connector", "c404", "--project", PROJECT)
     assert result.exit_code == 1
     assert result.stdout.splitlines()[0] == "newest event: none stored yet"  # the database's part still shown
@@ -567,7 +536,7 @@ def test_status_names_a_connector_dt_does_not_know(make_app, database_url, dt_ap
 
 def test_status_connector_without_project_is_a_usage_error(make_app, database_url, dt_api):
     """`--connector` without `--project` is a usage error naming the missing option, before DT is asked."""
-    app = make_app(DATABASE_URL=database_url, **dt_settings(dt_api))
+    app = make_app(DATABASE_URL=database_url, **dt_api.settings())
     assert error_line(run(app, "status", "--connector", "c16eegpdidie7lltpefg"), exit_code=2) == (
         "--connector needs --project: the id of the project the Data Connector is in")
     assert dt_api.requests == 0
@@ -577,7 +546,7 @@ def test_status_connector_without_project_is_a_usage_error(make_app, database_ur
 
 def test_health_is_200_with_the_database_up_and_shows_no_data(make_app, database_url, dt_api):
     """With the database answering, /health is 200 {"ok": true}, and names no event, secret or setting."""
-    client = make_app(DATABASE_URL=database_url, **dt_settings(dt_api)).test_client()
+    client = make_app(DATABASE_URL=database_url, **dt_api.settings()).test_client()
     event = history_event(PROJECT, "emuhealthy")
     push(client, event)
 

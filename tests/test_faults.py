@@ -146,6 +146,26 @@ class Connector:
                 running.result()
         return {worker: first.get(worker, math.inf) for worker in workers}
 
+    def through(self, fault, seconds: float) -> tuple[list[Answer], dict[int, float]]:
+        """Keep delivering on CONNECTIONS connections through a fault held for `seconds`.
+
+        Return the answers to attempts sent during the fault, and when each worker first stored after it.
+        """
+        stop, delivering = threading.Event(), []
+        with ThreadPoolExecutor(CONNECTIONS) as pool:
+            try:
+                with fault:
+                    started = time.monotonic()
+                    delivering = [pool.submit(self.keep_delivering, stop) for _ in range(CONNECTIONS)]
+                    time.sleep(seconds)
+                ended = time.monotonic()
+                recovery = self.store_on_every_worker(ended)
+            finally:
+                stop.set()
+            for running in delivering:
+                running.result()
+        return [answer for answer in self.answers if started <= answer.at - answer.seconds < ended], recovery
+
     def event_ids(self) -> set[str]:
         """Return every event id delivered at least once."""
         return {answer.event_id for answer in self.answers}
@@ -195,20 +215,7 @@ def test_frozen_database_answers_in_time_and_stores_each_event_once(start_server
     connector = Connector(server, "frozen")
     workers = worker_pids(server)
     assert max(connector.store_on_every_worker(time.monotonic()).values()) < 15  # both pools open and ready
-    stop, delivering = threading.Event(), []
-    with ThreadPoolExecutor(CONNECTIONS) as pool:
-        try:
-            with postgres.frozen():
-                frozen_at = time.monotonic()
-                delivering = [pool.submit(connector.keep_delivering, stop) for _ in range(CONNECTIONS)]
-                time.sleep(FAULT_SECONDS)
-            thawed_at = time.monotonic()
-            recovery = connector.store_on_every_worker(thawed_at)
-        finally:
-            stop.set()
-        for running in delivering:
-            running.result()
-    during = [answer for answer in connector.answers if frozen_at <= answer.at - answer.seconds < thawed_at]
+    during, recovery = connector.through(postgres.frozen(), FAULT_SECONDS)
     report(capsys, "frozen database", connector.answers, during_freeze=len(during),
            refused=sum(answer.status == 503 for answer in during), recovery_per_worker=rounded(recovery))
     assert_fast_and_clear(connector.answers)
@@ -226,22 +233,7 @@ def test_silent_network_answers_in_time_and_recovers(start_server, postgres, dat
                               DATABASE_URL=database_url.replace(f":{postgres.port}/", f":{link.port}/"))
         connector = Connector(server, "partition")
         assert max(connector.store_on_every_worker(time.monotonic()).values()) < 15
-        stop, delivering = threading.Event(), []
-        with ThreadPoolExecutor(CONNECTIONS) as pool:
-            try:
-                link.swallow()
-                cut_at = time.monotonic()
-                delivering = [pool.submit(connector.keep_delivering, stop) for _ in range(CONNECTIONS)]
-                time.sleep(PARTITION_SECONDS)
-                link.forward()
-                back_at = time.monotonic()
-                recovery = connector.store_on_every_worker(back_at)
-            finally:
-                link.forward()
-                stop.set()
-            for running in delivering:
-                running.result()
-        during = [answer for answer in connector.answers if cut_at <= answer.at - answer.seconds < back_at]
+        during, recovery = connector.through(link.silenced(), PARTITION_SECONDS)
         report(capsys, "silent network", connector.answers, during_partition=len(during),
                refused=sum(answer.status == 503 for answer in during), recovery_per_worker=rounded(recovery))
         assert_fast_and_clear(connector.answers)
@@ -258,21 +250,8 @@ def test_every_worker_stores_within_5_s_of_the_database_coming_back(start_server
     connector = Connector(server, "outage")
     workers = worker_pids(server)
     assert max(connector.store_on_every_worker(time.monotonic()).values()) < 15
-    stop, delivering = threading.Event(), []
-    with ThreadPoolExecutor(CONNECTIONS) as pool:
-        try:
-            postgres.stop("fast")
-            try:
-                delivering = [pool.submit(connector.keep_delivering, stop) for _ in range(CONNECTIONS)]
-                time.sleep(FAULT_SECONDS)  # long enough for a reconnect back-off to outgrow the 5 s
-            finally:
-                postgres.start()
-            back_at = time.monotonic()
-            recovery = connector.store_on_every_worker(back_at)
-        finally:
-            stop.set()
-        for running in delivering:
-            running.result()
+    # long enough for a reconnect back-off to outgrow the 5 s
+    _, recovery = connector.through(postgres.stopped(), FAULT_SECONDS)
     report(capsys, "stopped database", connector.answers, recovery_per_worker=rounded(recovery))
     assert_fast_and_clear(connector.answers)
     assert worker_pids(server) == workers

@@ -7,27 +7,16 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from disruptive import errors as dterrors
 
-from dt_api import DTApi, history_event, hours_ago
+from dt_api import PROJECT, DTApi, history_event, hours_ago
 from receiver import history
 from receiver.history import HistoryError
 
-PROJECT = "c0md3mm0c7bet3vico8g"
-
-
-@pytest.fixture
-def dt_api():
-    """Return a running stand-in for DT's API holding one project the service account is a member of."""
-    stand_in = DTApi()
-    stand_in.add_project(PROJECT)
-    yield stand_in
-    stand_in.close()
 
 
 @pytest.fixture
 def settings(dt_api):
     """Return the settings that point receiver.history at the stand-in with its service account."""
-    return {"DT_SERVICE_ACCOUNT_KEY_ID": dt_api.key_id, "DT_SERVICE_ACCOUNT_SECRET": dt_api.secret,
-            "DT_SERVICE_ACCOUNT_EMAIL": dt_api.email, "DT_API_URL": dt_api.url, "DT_AUTH_URL": dt_api.token_url}
+    return dt_api.settings()
 
 
 @pytest.fixture
