@@ -119,7 +119,9 @@ def register_routes(app: Flask, verifier: Verifier | None, store: EventStore | N
 
     @app.errorhandler(HTTPException)
     def turn_away_http(error: HTTPException) -> Response:
-        reason = f"body is larger than {MAX_BODY_BYTES} bytes" if error.code == 413 else error.name.lower()
+        reasons = {413: f"body is larger than {MAX_BODY_BYTES} bytes",
+                   404: "no such path: point the Data Connector at this app's root URL, /"}
+        reason = reasons.get(error.code, error.name.lower())
         response = rejection(error.code, reason)
         response.headers.update({k: v for k, v in error.get_headers() if k == "Allow"})
         return response

@@ -163,3 +163,10 @@ def test_previous_secret_is_accepted_during_rotation(make_app):
     for secret, status in ((SECRET, 200), (previous, 200), ("a-third-secret-0123456789abcdef0123456789", 401)):
         body, headers = signed_delivery(secret=secret)
         assert client.post("/", data=body, headers=headers).status_code == status
+
+
+def test_a_path_other_than_the_root_says_where_to_point_the_connector(client, log_lines):
+    """A Data Connector pointed at /webhook gets 404 with a reason naming the root URL, and one log line."""
+    answer = client.post("/webhook", data=BODY, headers={"X-Dt-Signature": "x"})
+    assert (answer.status_code, answer.text) == (404, "no such path: point the Data Connector at this app's root URL, /\n")
+    assert [line["status"] for line in log_lines()] == [404]
