@@ -15,7 +15,7 @@ from receiver.commands import register_commands
 from receiver.errors import ConfigError, DeliveryError, UnavailableError
 from receiver.events import Event, parse_event
 from receiver.keys import SigningKeys
-from receiver.logs import JsonText, configure_logging
+from receiver.logs import EVENTS_LOGGER, JsonText, configure_logging
 from receiver.settings import SECRETS, connections_per_worker, server_problem
 from receiver.signatures import DT_ISSUER, Verifier
 from receiver.store import EventStore
@@ -30,6 +30,7 @@ HEALTH_SECONDS = 3.0
 HINT = "DT Data Connector receiver is up: point a Data Connector at this URL (it accepts POST).\n"
 
 log = logging.getLogger("receiver")
+event_log = logging.getLogger(EVENTS_LOGGER)
 
 
 def create_app(config: Mapping[str, str] | None = None) -> Flask:
@@ -43,7 +44,7 @@ def create_app(config: Mapping[str, str] | None = None) -> Flask:
     verifier = None if problem else build_verifier(settings)
     try:
         store = None if problem else build_store(settings)
-    except ConfigError as error:  # what only libpq can tell, and the web server's master must not import
+    except ConfigError as error:  # a DATABASE_URL only libpq can find fault with
         problem, store = str(error), None
     app.extensions.update(dt_events_store=store, dt_receiver_problem=problem)
     register_routes(app, verifier, store, problem)
@@ -92,7 +93,8 @@ def register_routes(app: Flask, verifier: Verifier | None, store: EventStore | N
         deadline = time.monotonic() + DEADLINE_SECONDS
         with gevent.Timeout(DEADLINE_SECONDS, UnavailableError(f"no answer within {DEADLINE_SECONDS:g} s")):
             if problem:
-                raise UnavailableError(f"receiver is not configured: {problem}")
+                log.error("receiver is not configured", extra={"fields": {"problem": problem}})
+                raise UnavailableError("receiver is not configured: see its log")
             body = request.get_data(cache=False)
             if len(body) > MAX_BODY_BYTES:
                 raise RequestEntityTooLarge()
@@ -105,7 +107,7 @@ def register_routes(app: Flask, verifier: Verifier | None, store: EventStore | N
                 outcome = "stored" if store.save(event, pool_wait) else "duplicate"
             run_event_handler(event)
             try:
-                log.info(f"event {outcome}", extra={"fields": event_fields(event)})
+                event_log.info(f"event {outcome}", extra={"fields": event_fields(event)})
             except OSError:  # stdout closed or full: without its line, a log-only event would be lost
                 raise UnavailableError("log line could not be written") from None
         return plain_text(outcome + "\n", 200)
@@ -131,6 +133,8 @@ def run_event_handler(event: Event) -> None:
     """Give the event to the user's code; if it fails, DT is told to retry."""
     try:
         on_event.on_event(event)
+    except DeliveryError:
+        raise  # the delivery's deadline, not the handler's own failure
     except Exception as error:
         log.warning("event handler failed", extra={"fields": {"event_id": event.event_id, "error": type(error).__name__}})
         raise UnavailableError(f"event handler failed: {type(error).__name__}") from None

@@ -70,8 +70,14 @@ def libpq_problem():
     if not os.environ.get("DATABASE_URL"):
         return None
     check = "from app import app; print(app.extensions['dt_receiver_problem'] or '')"
-    child = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
-    return child.stdout.strip() or None
+    try:
+        child = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return "the app did not load within 30 s"
+    if child.returncode != 0:
+        return "the app failed to load: " + (child.stderr.strip().splitlines() or ["no output"])[-1]
+    lines = child.stdout.strip().splitlines()
+    return lines[-1] if lines and lines[-1] else None
 
 
 def post_worker_init(worker):

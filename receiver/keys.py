@@ -25,7 +25,7 @@ class SigningKeys:
         issuer: str,
         refresh_interval: float = 30.0,
         max_age: float = 3600.0,
-        timeout: float = 5.0,
+        timeout: float = 3.0,  # per request: discovery and key set together stay inside a delivery's 7 s
         clock: Callable[[], float] = time.monotonic,
     ):
         self.issuer = issuer

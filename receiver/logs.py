@@ -26,6 +26,9 @@ DATABASE_FAULTS = (
 # What a valid JSON text may hold raw that some readers take for the end of a line.
 LINE_BREAK = re.compile("[\n\r\x85\u2028\u2029]")
 
+# The logger of accepted events' lines: the one line whose loss must turn a 200 into a 503.
+EVENTS_LOGGER = "receiver.events"
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,  # gunicorn's own loggers keep their formats
@@ -48,10 +51,12 @@ def configure_logging() -> None:
 
 
 class StrictStreamHandler(logging.StreamHandler):
-    """A stream handler that raises when a line cannot be written, so no event is answered 200 unlogged."""
+    """A stream handler that raises when an accepted event's line cannot be written, so it is not answered 200 unlogged."""
 
     def handleError(self, record: logging.LogRecord) -> None:
-        raise  # the write's own exception, from emit's except block
+        if record.name == EVENTS_LOGGER:
+            raise  # the write's own exception, from emit's except block
+        super().handleError(record)
 
 
 class JsonText(str):
@@ -68,7 +73,7 @@ class JsonLineFormatter(logging.Formatter):
     """Format a record and its `fields` as one line of JSON; a library's exception becomes a short cause."""
 
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage() if record.name == "receiver" else library_message(record)
+        message = record.getMessage() if record.name.startswith("receiver") else library_message(record)
         fields = getattr(record, "fields", {})
         line = {"level": record.levelname.lower(), "msg": message}
         line.update((name, value) for name, value in fields.items() if not isinstance(value, JsonText))

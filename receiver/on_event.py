@@ -1,4 +1,4 @@
-"""Your code: what to do with each verified event, after it is stored and before DT is told 200."""
+"""Your code: what to do with each verified event, after it is stored (or found stored) and before DT is told 200."""
 
 from .events import Event
 

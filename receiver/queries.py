@@ -67,7 +67,7 @@ def connect(database_url: str) -> Iterator[psycopg.Connection]:
 
 def latest(connection: psycopg.Connection, device: str | None, event_type: str | None, since: datetime | None,
            limit: int) -> list[dict]:
-    """Return the newest stored events, newest first, with their bodies parsed where JSON allows."""
+    """Return the newest stored events, newest first, with their bodies parsed."""
     found = connection.execute(LATEST, {"device": device, "type": event_type, "since": since, "limit": limit}).fetchall()
     for row in found:
         row["event"] = json.loads(row["event"])

@@ -141,12 +141,14 @@ def test_other_methods_are_405(client, method):
     assert set(answer.headers["Allow"].split(", ")) >= {"GET", "POST"}
 
 
-def test_app_without_any_verification_setting_handles_nothing():
-    """Built without either setting (as the commands are), the app answers every delivery 503, naming both variables."""
+def test_app_without_any_verification_setting_handles_nothing(log_lines):
+    """Built without either setting (as the commands are), the app answers every delivery 503 and logs both variables' names."""
     for settings in ({}, {"DT_SIGNATURE_SECRET": ""}):
         answer = create_app(settings).test_client().post("/", data=BODY, headers={"X-Dt-Signature": "x"})
-        assert answer.status_code == 503 and answer.headers["Retry-After"] == "10"
-        assert "DT_SIGNATURE_SECRET" in answer.text and "DT_ORGANIZATION_ID" in answer.text
+        assert (answer.status_code, answer.headers["Retry-After"]) == (503, "10")
+        assert answer.text == "receiver is not configured: see its log\n"  # no setting told to whoever asks
+    problems = [line["problem"] for line in log_lines() if line["msg"] == "receiver is not configured"]
+    assert len(problems) == 2 and all("DT_SIGNATURE_SECRET" in p and "DT_ORGANIZATION_ID" in p for p in problems)
 
 
 def test_short_secret_is_accepted(make_app):
