@@ -95,21 +95,12 @@ def register_routes(app: Flask, verifier: Verifier | None, store: EventStore | N
             if problem:
                 log.error("receiver is not configured", extra={"fields": {"problem": problem}})
                 raise UnavailableError("receiver is not configured: see its log")
-            body = request.get_data(cache=False)
-            if len(body) > MAX_BODY_BYTES:
-                raise RequestEntityTooLarge()
+            body = read_body()
             verifier.verify(request.headers, body)
             event = parse_event(body)
-            if store is None:
-                outcome = "logged"
-            else:
-                pool_wait = deadline - time.monotonic() - POOL_MARGIN_SECONDS
-                outcome = "stored" if store.save(event, pool_wait) else "duplicate"
+            outcome = "logged" if store is None else keep(event, store, deadline)
             run_event_handler(event)
-            try:
-                event_log.info(f"event {outcome}", extra={"fields": event_fields(event)})
-            except OSError:  # stdout closed or full: without its line, a log-only event would be lost
-                raise UnavailableError("log line could not be written") from None
+            write_event_line(event, outcome)
         return plain_text(outcome + "\n", 200)
 
     @app.errorhandler(DeliveryError)
@@ -127,6 +118,28 @@ def register_routes(app: Flask, verifier: Verifier | None, store: EventStore | N
         response = rejection(error.code, reason)
         response.headers.update({k: v for k, v in error.get_headers() if k == "Allow"})
         return response
+
+
+def read_body() -> bytes:
+    """Return the request's body, or refuse one over the limit."""
+    body = request.get_data(cache=False)
+    if len(body) > MAX_BODY_BYTES:
+        raise RequestEntityTooLarge()
+    return body
+
+
+def keep(event: Event, store: EventStore, deadline: float) -> str:
+    """Commit the event before the deadline; return "stored", or "duplicate" if it was stored before."""
+    pool_wait = deadline - time.monotonic() - POOL_MARGIN_SECONDS
+    return "stored" if store.save(event, pool_wait) else "duplicate"
+
+
+def write_event_line(event: Event, outcome: str) -> None:
+    """Write the accepted event's log line, or refuse the delivery if it cannot be written."""
+    try:
+        event_log.info(f"event {outcome}", extra={"fields": event_fields(event)})
+    except OSError:  # stdout closed or full: without its line, a log-only event would be lost
+        raise UnavailableError("log line could not be written") from None
 
 
 def run_event_handler(event: Event) -> None:

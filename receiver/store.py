@@ -31,9 +31,10 @@ RECONNECT_SECONDS = 2
 # At start, until the table is ready, the schema check is retried this often.
 PREPARE_RETRY_SECONDS = 2
 
+# A pushed event: its source is the column's default, 'connector'.
 INSERT = """
-INSERT INTO dt_events (event_id, device_id, event_type, event_time, source, event)
-VALUES (%s, %s, %s, COALESCE(%s, now()), %s, %s)
+INSERT INTO dt_events (event_id, device_id, event_type, event_time, event)
+VALUES (%s, %s, %s, COALESCE(%s, now()), %s)
 ON CONFLICT (event_id) DO NOTHING
 """
 
@@ -69,9 +70,9 @@ class EventStore:
             self._pool.open(wait=False)
         threading.Thread(target=self._prepare, name="dt_events schema", daemon=True).start()
 
-    def save(self, event: Event, wait_seconds: float, source: str = "connector") -> bool:
+    def save(self, event: Event, wait_seconds: float) -> bool:
         """Commit the event; return False if it was stored before."""
-        row = (event.event_id, event.device_id, event.event_type, event.time, source, event.text)
+        row = (event.event_id, event.device_id, event.event_type, event.time, event.text)
         with self._connection(wait_seconds) as connection:
             try:
                 return connection.execute(INSERT, row).rowcount == 1
