@@ -80,7 +80,7 @@ def register_routes(app: Flask, verifier: Verifier | None, store: EventStore | N
     def health() -> Response:
         with gevent.Timeout(HEALTH_SECONDS, False):  # an unanswered check is a failed one
             problems = {"configuration": "the receiver is not configured"} if problem else {}
-            if store is not None and (fault := store.check(HEALTH_SECONDS - 0.5)):
+            if store is not None and (fault := store.check(HEALTH_SECONDS - POOL_MARGIN_SECONDS)):
                 # The fixed forms may name the configured database; an open endpoint shows no setting.
                 problems["database"] = re.sub(r'database "[^"]*"', "the database", fault)
             if verifier is not None and verifier.keys is not None and not verifier.keys.held():

@@ -11,7 +11,7 @@ from psycopg.rows import dict_row
 from .events import parse_event
 from .logs import database_fault
 from .schema import migrate
-from .store import connection_options, escaped
+from .store import connection_options, insert_keeping_odd_text
 
 HISTORY_BATCH = 1000
 PRUNE_BATCH = 5000
@@ -84,11 +84,7 @@ def add_history(connection: psycopg.Connection, events: Iterable[dict]) -> int:
                               .encode("utf-8", "backslashreplace")) for event in batch]
         columns = [[event.event_id for event in parsed], [event.device_id for event in parsed],
                    [event.event_type for event in parsed], [event.time for event in parsed], [event.text for event in parsed]]
-        try:
-            added += connection.execute(INSERT_HISTORY, columns).rowcount
-        except (psycopg.DataError, UnicodeEncodeError):
-            # A NUL or a lone surrogate in a key column: keep the batch under escaped keys, as EventStore.save does.
-            added += connection.execute(INSERT_HISTORY, [list(map(escaped, column)) for column in columns]).rowcount
+        added += insert_keeping_odd_text(connection, INSERT_HISTORY, columns)
     return added
 
 

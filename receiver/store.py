@@ -74,11 +74,7 @@ class EventStore:
         """Commit the event; return False if it was stored before."""
         row = (event.event_id, event.device_id, event.event_type, event.time, event.text)
         with self._connection(wait_seconds) as connection:
-            try:
-                return connection.execute(INSERT, row).rowcount == 1
-            except (psycopg.DataError, UnicodeEncodeError):
-                # A NUL or a lone surrogate in a key column: keep the event under escaped keys.
-                return connection.execute(INSERT, tuple(map(escaped, row))).rowcount == 1
+            return insert_keeping_odd_text(connection, INSERT, row) == 1
 
     def check(self, wait_seconds: float) -> str | None:
         """Return None if the database answers a query within the wait, else why not."""
@@ -99,7 +95,8 @@ class EventStore:
     @contextmanager
     def _connection(self, wait_seconds: float) -> Iterator[psycopg.Connection]:
         """Lend a pooled connection; turn database faults into 503s that name their cause."""
-        self.start()
+        if self._pool is None:
+            self.start()
         give_up_at = time.monotonic() + wait_seconds
         if not self._ready.wait(wait_seconds):
             raise UnavailableError(f"database unavailable: {self.last_fault}")
@@ -149,8 +146,19 @@ class FaultNamingConnection(psycopg.Connection):
             raise
 
 
+def insert_keeping_odd_text(connection: psycopg.Connection, query: str, params) -> int:
+    """Run an insert and return its row count; if a NUL or a lone surrogate in a key column stops it, run it
+    again with those written as JSON escapes, so that an authentic event is kept all the same."""
+    try:
+        return connection.execute(query, params).rowcount
+    except (psycopg.DataError, UnicodeEncodeError):
+        return connection.execute(query, escaped(params)).rowcount
+
+
 def escaped(value):
-    """Return text with NULs and lone surrogates written as JSON escapes; other values as they are."""
+    """Return text (also inside lists and tuples) with NULs and lone surrogates as JSON escapes; other values as they are."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(map(escaped, value))
     if not isinstance(value, str):
         return value
     return value.replace("\x00", "\\u0000").encode("utf-8", "backslashreplace").decode("utf-8")
