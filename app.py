@@ -15,7 +15,7 @@ from receiver.commands import register_commands
 from receiver.errors import ConfigError, DeliveryError, UnavailableError
 from receiver.events import Event, parse_event
 from receiver.keys import SigningKeys
-from receiver.logs import EVENTS_LOGGER, JsonText, configure_logging
+from receiver.logs import EVENTS_LOGGER, LOGGED, JsonText, configure_logging
 from receiver.settings import SECRETS, connections_per_worker, server_problem
 from receiver.signatures import DT_ISSUER, Verifier
 from receiver.store import EventStore
@@ -140,6 +140,7 @@ def write_event_line(event: Event, outcome: str) -> None:
         event_log.info(f"event {outcome}", extra={"fields": event_fields(event)})
     except OSError:  # stdout closed or full: without its line, a log-only event would be lost
         raise UnavailableError("log line could not be written") from None
+    request.environ[LOGGED] = True
 
 
 def run_event_handler(event: Event) -> None:
@@ -171,6 +172,7 @@ def rejection(status: int, reason: str) -> Response:
     fields = {"status": status, "reason": reason, "request_id": request.headers.get("X-Request-Id")}
     try:
         log.warning("request rejected", extra={"fields": fields})
+        request.environ[LOGGED] = True
     except OSError:
         pass  # the answer itself still tells DT why
     return plain_text(reason + "\n", status)

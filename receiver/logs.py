@@ -24,10 +24,16 @@ DATABASE_FAULTS = (
 )
 
 # What a valid JSON text may hold raw that some readers take for the end of a line.
-LINE_BREAK = re.compile("[\n\r\x85\u2028\u2029]")
+LINE_BREAKS = "\n\r\x85\u2028\u2029"
 
 # The logger of accepted events' lines: the one line whose loss must turn a 200 into a 503.
 EVENTS_LOGGER = "receiver.events"
+
+# Set in a request's WSGI environ once the receiver has written that request's line, so the server
+# writes no access line for it: one line per request.
+LOGGED = "receiver.logged"
+
+JSON = json.JSONEncoder(default=str)  # made once: json.dumps with `default` makes one per call
 
 LOGGING = {
     "version": 1,
@@ -66,7 +72,7 @@ class JsonText(str):
     def of(cls, event) -> "JsonText":
         """Return an event's body as received, or re-serialised if it holds a line break (a log line must not)."""
         text = event.text
-        return cls(json.dumps(event.body) if LINE_BREAK.search(text) else text)
+        return cls(json.dumps(event.body) if any(mark in text for mark in LINE_BREAKS) else text)
 
 
 class JsonLineFormatter(logging.Formatter):
@@ -77,7 +83,7 @@ class JsonLineFormatter(logging.Formatter):
         fields = getattr(record, "fields", {})
         line = {"level": record.levelname.lower(), "msg": message}
         line.update((name, value) for name, value in fields.items() if not isinstance(value, JsonText))
-        text = json.dumps(line, default=str)
+        text = JSON.encode(line)
         for name, value in fields.items():
             if isinstance(value, JsonText):
                 text = f'{text[:-1]}, "{name}": {value}}}'

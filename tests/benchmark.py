@@ -168,7 +168,8 @@ def measure(case: Case, args, folder: Path, round_number: int) -> dict:
     command = f"cd {shlex.quote(str(case.folder))} && exec taskset -c {SERVER_CORE} {case.command}"
     server = Server(folder / f"{case.label}.log", command=command, DT_SIGNATURE_SECRET=SECRET,
                     WEB_CONCURRENCY=str(args.workers), **case.settings)
-    server.env["GUNICORN_CMD_ARGS"] = f"--bind 127.0.0.1:{server.port}"  # loopback only, whatever the app's config
+    # Heroku's Python buildpack sets GUNICORN_CMD_ARGS=--access-logfile - for every app; loopback only here.
+    server.env["GUNICORN_CMD_ARGS"] = f"--access-logfile - --bind 127.0.0.1:{server.port}"
     server.start(wait=False)
     try:
         boot_seconds = wait_for_any_answer(server) if case.any_answer else server.wait_until_up()

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 from helpers import ROOT, SECRET, Server, free_port, procfile_command, signed_delivery
 from issuer import ORGANIZATION_ID
@@ -13,7 +14,7 @@ from receiver.sample import sample_event
 
 
 def test_signed_event_through_the_procfile_server(start_server):
-    """A signed event gets 200 and its log line; an unsigned one gets 401 and a line saying why."""
+    """A signed event gets 200 and its log line; an unsigned one gets 401 and a line saying why; one line each."""
     server = start_server(DT_SIGNATURE_SECRET=SECRET)
     body, headers = signed_delivery(sample_event(event_id="e2e-1"))
     assert server.post(body, {**headers, "X-Request-Id": "router-7"}) == (200, "logged\n")
@@ -23,7 +24,13 @@ def test_signed_event_through_the_procfile_server(start_server):
     assert (accepted["event_id"], accepted["request_id"]) == ("e2e-1", "router-7")
     [rejected] = [line for line in lines if line["msg"] == "request rejected"]
     assert rejected["reason"] == "missing X-Dt-Signature header"
-    assert 'status=200' in server.output() and 'request_id=router-7' in server.output()
+    # A delivery's own line is its only line; other requests get gunicorn's access line.
+    assert "gunicorn method=POST" not in server.output()
+    urllib.request.urlopen(urllib.request.Request(server.url, headers={"X-Request-Id": "router-8"})).close()
+    deadline = time.monotonic() + 5  # the access line follows the answer
+    while "request_id=router-8" not in server.output() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert 'gunicorn method=GET path="/" status=200' in server.output()
     assert SECRET not in server.output() and headers["X-Dt-Signature"] not in server.output()
 
 
