@@ -14,6 +14,12 @@ each round samples a new process (memory layout, hash seed), so the median cover
 Each run replays the signed deliveries from where the same case's last run stopped, so an event does not
 repeat (the Postgres sink skips a repeated event id, which would flatter it).
 
+Every server runs one worker on its one core (`--workers`): two would measure the kernel's scheduler
+instead. A gevent worker owns its connections, so while the kernel runs one worker the other's wait
+out its time slice: the bare ceiling alone answered with a p99 of 87-126 ms with two workers on one
+core and 6-8 ms with one; given a core each, workers would not wait on each other. Every server also gets what
+Heroku's Python buildpack sets for every app: GUNICORN_CMD_ARGS=--access-logfile - and FORWARDED_ALLOW_IPS=*.
+
 `--compare DIR` adds any app directory as a case at every size: its Procfile's `web` command, run with
 cwd=DIR from its own virtual environment (made once per requirements.txt and Python, under ~/.cache), pinned like
 the others, given the same WEB_CONCURRENCY, the same signed deliveries and the same secret in
@@ -168,8 +174,9 @@ def measure(case: Case, args, folder: Path, round_number: int) -> dict:
     command = f"cd {shlex.quote(str(case.folder))} && exec taskset -c {SERVER_CORE} {case.command}"
     server = Server(folder / f"{case.label}.log", command=command, DT_SIGNATURE_SECRET=SECRET,
                     WEB_CONCURRENCY=str(args.workers), **case.settings)
-    # Heroku's Python buildpack sets GUNICORN_CMD_ARGS=--access-logfile - for every app; loopback only here.
-    server.env["GUNICORN_CMD_ARGS"] = f"--access-logfile - --bind 127.0.0.1:{server.port}"
+    # What Heroku's Python buildpack sets for every app (its access log, trust in the router's headers);
+    # loopback only here.
+    server.env.update(GUNICORN_CMD_ARGS=f"--access-logfile - --bind 127.0.0.1:{server.port}", FORWARDED_ALLOW_IPS="*")
     server.start(wait=False)
     try:
         boot_seconds = wait_for_any_answer(server) if case.any_answer else server.wait_until_up()
@@ -234,7 +241,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5, help="length of each measured run")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of load before each measured run")
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="WEB_CONCURRENCY of every server (see above)")
     parser.add_argument("--size", action="append", choices=SIZES, help="only these body sizes (repeatable)")
     parser.add_argument("--no-postgres", action="store_true", help="skip the Postgres case")
     parser.add_argument("--compare", metavar="DIR", help="also run this app folder's Procfile web command")
