@@ -1,0 +1,112 @@
+"""Time each step of the receiver's handling of a 1 KB event in-process, beside bare Flask, as the README's table.
+
+Run by hand: `python tests/costs.py` (after the test install; about a minute). No server runs: each
+round calls the bare-Flask ceiling, then the log-only receiver, as WSGI applications with the same signed
+deliveries, and times each step of the receiver where it runs, among the others. (Alone in a tight loop a
+step looks up to twice as fast: its code and data stay in the CPU's caches.) The table gives the median
+of the rounds for each row; "the rest" is what the receiver's median leaves after the others. The
+server's own work per request (gevent, gunicorn's parser, the socket) is the same for both and is not in it.
+"""
+
+import argparse
+import functools
+import io
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import jwt
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from helpers import SECRET  # noqa: E402
+from receiver import signatures  # noqa: E402
+from receiver.sample import sign_body  # noqa: E402
+
+os.environ["DT_SIGNATURE_SECRET"] = SECRET  # app.py builds its app from the environment on import
+sys.stdout = open(os.devnull, "w")  # the log lines' stream, set before app.py configures logging
+import app as receiver  # noqa: E402
+import ceiling  # noqa: E402
+from benchmark import body_of_size  # noqa: E402
+
+STEPS = {  # row of the table -> (module, name) of the function that does it
+    "pyjwt's HS256 decode, with every check it makes": (jwt, "decode"),
+    "both checksums of the body, compared in constant time": (signatures, "verify_checksums"),
+    "parsing the event": (receiver, "parse_event"),
+    "the event's JSON log line: its fields, the record, formatting, the write": (receiver, "write_event_line"),
+}
+CEILING = "bare Flask: routing, request and response objects, reading the body (the ceiling)"
+REST = "the rest: the deadline timer, header lookups, the answer"
+TOTAL = "**the receiver, log only**"
+
+
+def environ(body: bytes, token: str) -> dict:
+    """Return the WSGI environ of a delivery as gunicorn would make it."""
+    return {"REQUEST_METHOD": "POST", "PATH_INFO": "/", "SCRIPT_NAME": "", "QUERY_STRING": "",
+            "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "5006", "SERVER_PROTOCOL": "HTTP/1.1",
+            "HTTP_HOST": "127.0.0.1:5006", "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(body)),
+            "HTTP_X_DT_SIGNATURE": token, "wsgi.input": io.BytesIO(body), "wsgi.url_scheme": "http",
+            "wsgi.errors": sys.stderr, "wsgi.version": (1, 0), "wsgi.multithread": False,
+            "wsgi.multiprocess": True, "wsgi.run_once": False}
+
+
+def start_response(status: str, headers: list, exc_info=None) -> None:
+    """Insist on a 200: a refused delivery would time the wrong path."""
+    if not status.startswith("200"):
+        raise RuntimeError(f"delivery answered {status}")
+
+
+def seconds_per_call(application, deliveries: list) -> float:
+    """Call a WSGI application with every delivery; return the mean seconds per call."""
+    started = time.perf_counter()
+    for body, token in deliveries:
+        for _ in application(environ(body, token), start_response):
+            pass
+    return (time.perf_counter() - started) / len(deliveries)
+
+
+def timed(totals: Counter, row: str, function):
+    """Wrap a function so that its time is added to a row's total."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            totals[row] += time.perf_counter() - started
+
+    return wrapper
+
+
+def main() -> None:
+    """Time both applications in alternating rounds and print the table of medians, in µs."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--events", type=int, default=10_000)
+    args = parser.parse_args()
+    bodies = [body_of_size(1024, number) for number in range(args.events)]
+    deliveries = [(body, sign_body(body, SECRET)) for body in bodies]
+    totals = Counter()
+    for row, (module, name) in STEPS.items():
+        setattr(module, name, timed(totals, row, getattr(module, name)))
+
+    rounds = []
+    for _ in range(args.rounds):
+        totals.clear()
+        figures = {CEILING: seconds_per_call(ceiling.app, deliveries),
+                   TOTAL: seconds_per_call(receiver.app, deliveries)}
+        figures.update({row: totals[row] / len(deliveries) for row in STEPS})
+        rounds.append(figures)
+
+    median = {row: statistics.median(figures[row] for figures in rounds) for row in rounds[0]}
+    median[REST] = median[TOTAL] - median[CEILING] - sum(median[row] for row in STEPS)
+    rows = [CEILING, *STEPS, REST, TOTAL]
+    table = ["| step | µs per event |", "|---|---:|"] + [f"| {row} | {median[row] * 1e6:.1f} |" for row in rows]
+    print("\n".join(table), file=sys.__stdout__)
+
+
+if __name__ == "__main__":
+    main()
