@@ -171,8 +171,12 @@ def worker_rss_mb(server: Server) -> float:
 
 def measure(case: Case, args, folder: Path, round_number: int) -> dict:
     """Start the case's server, warm it, load it, stop it, and return the figures of this run."""
-    command = f"cd {shlex.quote(str(case.folder))} && exec taskset -c {SERVER_CORE} {case.command}"
-    server = Server(folder / f"{case.label}.log", command=command, DT_SIGNATURE_SECRET=SECRET,
+    log = folder / f"{case.label}.log"
+    # As on Heroku, the server writes to a pipe that another machine drains: here a reader on the load
+    # core, which keeps the last 64 KB for a run that fails (gigabytes on disk would slow later runs).
+    command = (f"cd {shlex.quote(str(case.folder))} && exec taskset -c {SERVER_CORE} {case.command} "
+               f"> >(exec taskset -c {LOAD_CORE} tail -c 65536 >> {shlex.quote(str(log))}) 2>&1")
+    server = Server(log, command=command, DT_SIGNATURE_SECRET=SECRET,
                     WEB_CONCURRENCY=str(args.workers), **case.settings)
     # What Heroku's Python buildpack sets for every app (its access log, trust in the router's headers);
     # loopback only here.
@@ -284,7 +288,7 @@ def main() -> None:
                 print("note: the Postgres case replayed events, which it skips as duplicates", file=sys.stderr)
     finally:
         postgres.remove()
-    shutil.rmtree(folder)  # the servers' logs: gigabytes at the larger sizes; kept when a run fails
+    shutil.rmtree(folder)  # the deliveries and the servers' last lines; kept when a run fails
 
     command = (f"python tests/benchmark.py --rounds {args.rounds} --seconds {args.seconds} "
                f"--connections {args.connections} --workers {args.workers}"
