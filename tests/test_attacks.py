@@ -5,6 +5,8 @@ import threading
 import time
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from helpers import SECRET, claims_for, hand_made_hs256, signed_delivery, token_with
 from receiver.sample import encode_body, sample_event, sign_body
@@ -27,6 +29,15 @@ def test_alg_none(client):
 def test_other_hmac_algorithms(client, algorithm):
     """HS384 and HS512 tokens keyed with the right secret are still refused: HS256 only."""
     assert post(client, BODY, token_with(claims_for(BODY), algorithm=algorithm)) == (401, "token algorithm is not allowed")
+
+
+def test_public_key_as_secret_is_refused_on_every_delivery(make_app):
+    """pyjwt refuses a public key as an HMAC secret; checking each secret once must not make that once only."""
+    public_pem = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    client = make_app(DT_SIGNATURE_SECRET=public_pem).test_client()
+    token = hand_made_hs256({"alg": "HS256", "typ": "JWT"}, claims_for(BODY), public_pem.encode())
+    assert [post(client, BODY, token)[0] for _ in range(3)] == [401, 401, 401]
 
 
 @pytest.mark.parametrize("algorithm", ["RS256", "ES256"])
