@@ -52,7 +52,7 @@ class OneLinePerRequest(Logger):
     """Gunicorn's logger, minus the access line of a request whose own line the receiver has written.
 
     Each delivery's JSON line already says what became of it, with the router's request id; a second
-    line per delivery would double the log volume (and cost a third of what a bare Flask request does).
+    line per delivery would double the log volume (and cost a fifth of what a bare Flask request does).
     Heroku's buildpack turns the access log on whatever this file says, so it is filtered here.
     """
 

@@ -17,8 +17,9 @@ repeat (the Postgres sink skips a repeated event id, which would flatter it).
 Every server runs one worker on its one core (`--workers`): two would measure the kernel's scheduler
 instead. A gevent worker owns its connections, so while the kernel runs one worker the other's wait
 out its time slice: the bare ceiling alone answered with a p99 of 87-126 ms with two workers on one
-core and 6-8 ms with one; given a core each, workers would not wait on each other. Every server also gets what
-Heroku's Python buildpack sets for every app: GUNICORN_CMD_ARGS=--access-logfile - and FORWARDED_ALLOW_IPS=*.
+core and 6-8 ms with one; given a core each, workers would not wait on each other. Every server also
+gets what Heroku's Python buildpack sets for every app: GUNICORN_CMD_ARGS=--access-logfile - and
+FORWARDED_ALLOW_IPS=*, and writes its output to a pipe that a reader on the load core drains.
 
 `--compare DIR` adds any app directory as a case at every size: its Procfile's `web` command, run with
 cwd=DIR from its own virtual environment (made once per requirements.txt and Python, under ~/.cache), pinned like
