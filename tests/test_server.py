@@ -26,7 +26,7 @@ def test_signed_event_through_the_procfile_server(start_server):
     assert rejected["reason"] == "missing X-Dt-Signature header"
     # A delivery's own line is its only line; other requests get gunicorn's access line.
     assert "gunicorn method=POST" not in server.output()
-    urllib.request.urlopen(urllib.request.Request(server.url, headers={"X-Request-Id": "router-8"})).close()
+    urllib.request.urlopen(urllib.request.Request(server.url, headers={"X-Request-Id": "router-8"}), timeout=10).close()
     deadline = time.monotonic() + 5  # the access line follows the answer
     while "request_id=router-8" not in server.output() and time.monotonic() < deadline:
         time.sleep(0.05)
