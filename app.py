@@ -12,11 +12,11 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from receiver import on_event
 from receiver.commands import register_commands
-from receiver.errors import ConfigError, DeliveryError, UnavailableError
+from receiver.errors import DeliveryError, UnavailableError
 from receiver.events import Event, parse_event
 from receiver.keys import SigningKeys
 from receiver.logs import EVENTS_LOGGER, LOGGED, JsonText, configure_logging
-from receiver.settings import SECRETS, connections_per_worker, server_problem
+from receiver.settings import SECRETS, connections_per_worker, library_problem, server_problem
 from receiver.signatures import DT_ISSUER, Verifier
 from receiver.store import EventStore
 
@@ -40,12 +40,9 @@ def create_app(config: Mapping[str, str] | None = None) -> Flask:
     app = Flask(__name__)
     # One byte over: Werkzeug cuts a chunked body silently at the limit, and the extra byte shows it was cut.
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES + 1
-    problem = server_problem(settings)
+    problem = server_problem(settings) or library_problem(settings)
     verifier = None if problem else build_verifier(settings)
-    try:
-        store = None if problem else build_store(settings)
-    except ConfigError as error:  # a DATABASE_URL only libpq can find fault with
-        problem, store = str(error), None
+    store = None if problem else build_store(settings)
     app.extensions.update(dt_events_store=store, dt_receiver_problem=problem)
     register_routes(app, verifier, store, problem)
     register_commands(app, settings)

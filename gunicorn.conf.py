@@ -70,7 +70,7 @@ control_socket_disable = True
 
 def on_starting(server):
     """Refuse to start, with one line, a server whose settings could accept no event; warn once of weak ones."""
-    problem = server_problem(os.environ) or libpq_problem()
+    problem = server_problem(os.environ) or library_problem_of_a_child()
     if problem:
         print(f"receiver not started: {problem}", file=sys.stderr)
         sys.exit(1)
@@ -79,21 +79,18 @@ def on_starting(server):
         logging.getLogger("receiver").warning(warning)
 
 
-def libpq_problem():
-    """Return why libpq cannot read DATABASE_URL, asked of a child process, or None.
+def library_problem_of_a_child():
+    """Return what pyjwt and libpq find wrong with the settings, asked of a child process, or None.
 
-    This process forks the workers and must not import psycopg: psycopg picks its way of waiting when
-    imported, and only a worker that gevent has patched first gets one that the deadline can interrupt.
+    This process forks the workers and must not import them: see receiver.settings.library_problem.
     """
-    if not os.environ.get("DATABASE_URL"):
-        return None
-    check = "from app import app; print(app.extensions['dt_receiver_problem'] or '')"
+    check = "import os; from receiver.settings import library_problem; print(library_problem(os.environ) or '')"
     try:
         child = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
-        return "the app did not load within 30 s"
+        return "the settings could not be checked within 30 s"
     if child.returncode != 0:
-        return "the app failed to load: " + (child.stderr.strip().splitlines() or ["no output"])[-1]
+        return "the settings could not be checked: " + (child.stderr.strip().splitlines() or ["no output"])[-1]
     lines = child.stdout.strip().splitlines()
     return lines[-1] if lines and lines[-1] else None
 

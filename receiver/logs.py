@@ -54,10 +54,6 @@ LOGGING = {
 def configure_logging() -> None:
     """Send the receiver's and psycopg's log lines, one JSON object each, to stdout."""
     logging.config.dictConfig(LOGGING)
-    # No line shows its caller, thread or process name, so records skip looking them up (the logging
-    # HOWTO's "Optimization"); gunicorn's lines show the process id, so that stays.
-    logging._srcfile = None
-    logging.logThreads = logging.logMultiprocessing = False
 
 
 class StrictStreamHandler(logging.StreamHandler):

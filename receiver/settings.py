@@ -1,4 +1,4 @@
-"""Say, in one line each, what is wrong with the settings the web server needs (standard library only)."""
+"""Say, in one line each, what is wrong with the settings the web server needs."""
 
 from collections.abc import Mapping
 from urllib.parse import urlsplit
@@ -49,8 +49,30 @@ def number_problem(settings: Mapping[str, str]) -> str | None:
 
 
 def server_problem(settings: Mapping[str, str]) -> str | None:
-    """Return the first reason the web server must not start, or None."""
+    """Return the first reason the web server must not start that the standard library can see, or None."""
     return verification_problem(settings) or database_problem(settings) or number_problem(settings)
+
+
+def library_problem(settings: Mapping[str, str]) -> str | None:
+    """Return what pyjwt finds wrong with a secret or libpq with DATABASE_URL, or None.
+
+    It imports both, so gunicorn's master asks a child process: a module imported before the fork is
+    one that gevent cannot patch in the workers (ssl, through pyjwt), or that waits in a way no deadline
+    can interrupt (psycopg).
+    """
+    from .errors import ConfigError
+    from .signatures import secret_problem
+    from .store import connection_options
+
+    for name in SECRETS:
+        if settings.get(name) and (problem := secret_problem(name, settings[name])):
+            return problem
+    try:
+        if settings.get("DATABASE_URL"):
+            connection_options(settings["DATABASE_URL"])
+    except ConfigError as error:
+        return str(error)
+    return None
 
 
 def worker_count(settings: Mapping[str, str]) -> int:

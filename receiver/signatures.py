@@ -3,7 +3,6 @@
 import functools
 import hashlib
 import hmac
-import warnings
 from contextlib import contextmanager
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,29 +35,37 @@ TOKEN_FAULTS = (
     (jwt.PyJWTError, "token has a malformed claim"),
 )
 
-# The receiver warns once at start-up about a short secret; pyjwt would warn on every decode.
-warnings.filterwarnings("ignore", category=jwt.InsecureKeyLengthWarning)
-
-
 class HS256CheckingEachSecretOnce(HMACAlgorithm):
     """pyjwt's HS256, which checks a secret once rather than on every token.
 
     Before every use pyjwt makes sure an HMAC secret is not a public key, a certificate or a JWK
     (four parsers, two exceptions) and measures it: a tenth of a delivery's cost, for the same one
-    or two secrets. A secret that fails a check is not cached and fails it every time.
+    or two secrets. A secret that fails a check is not cached and fails it every time. Its length is
+    not measured here: the receiver warns of a short secret once at start-up, pyjwt would on every token.
     """
 
     @functools.lru_cache(maxsize=8)
     def prepare_key(self, key: str | bytes) -> bytes:
         return super().prepare_key(key)
 
-    @functools.lru_cache(maxsize=8)
-    def check_key_length(self, key: bytes) -> str | None:
-        return super().check_key_length(key)
+    def check_key_length(self, key: bytes) -> None:
+        return None
 
 
-jwt.unregister_algorithm("HS256")
-jwt.register_algorithm("HS256", HS256CheckingEachSecretOnce(HMACAlgorithm.SHA256))
+# The receiver's own decoder, so the rest of the process keeps pyjwt's HS256. pyjwt 2 takes no
+# algorithms in PyJWT's constructor: an instance's algorithms live in the PyJWS it holds.
+HS256_JWT = jwt.PyJWT()
+HS256_JWT._jws = jwt.PyJWS(algorithms=[], options=HS256_JWT._jws.options)
+HS256_JWT._jws.register_algorithm("HS256", HS256CheckingEachSecretOnce(HMACAlgorithm.SHA256))
+
+
+def secret_problem(name: str, secret: str) -> str | None:
+    """Return why pyjwt would refuse this secret as an HMAC key (a pasted public key, say), or None."""
+    try:
+        HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(secret)
+    except jwt.InvalidKeyError:
+        return f"{name} looks like a public key or a certificate, not a shared secret: set the Data Connector's Signature Secret"
+    return None
 
 
 @dataclass(frozen=True)
@@ -99,10 +106,10 @@ def decode_with_any_secret(token: str, secrets: Sequence[str]) -> dict:
     *earlier, last = secrets
     for secret in earlier:
         try:
-            return jwt.decode(token, secret, **HS256_RULES)
+            return HS256_JWT.decode(token, secret, **HS256_RULES)
         except jwt.InvalidSignatureError:
             pass  # signed with the other secret of the rotation, perhaps
-    return jwt.decode(token, last, **HS256_RULES)
+    return HS256_JWT.decode(token, last, **HS256_RULES)
 
 
 def verify_asymmetric_token(token: str, body: bytes, keys: SigningKeys, organization_id: str) -> None:

@@ -48,8 +48,10 @@ class EventStore:
         self._pool: ConnectionPool | None = None
         self._started = threading.Lock()
         self._ready = threading.Event()  # set once the table is at the latest schema
+        self._attempted = threading.Event()  # set once the first try to reach the database has ended
         self._closed = threading.Event()
         self.last_fault = "not connected yet"
+        self._reporting = threading.Lock()
 
     def start(self) -> None:
         """Open the pool and check the schema in the background; the caller does not wait."""
@@ -86,6 +88,14 @@ class EventStore:
             return str(error)
         return None if may_insert else "database refuses new events: permission denied (is the plan full?)"
 
+    def note_fault(self, fault: str) -> None:
+        """Remember why the database cannot be used; until the table is ready, log each new cause once."""
+        with self._reporting:
+            reported, self.last_fault = self.last_fault, fault
+        self._attempted.set()
+        if fault != reported and not self._ready.is_set() and not self._closed.is_set():
+            log.warning("database not ready", extra={"fields": {"cause": fault}})
+
     def close(self) -> None:
         """Close every connection of this process, and stop trying to prepare the table."""
         self._closed.set()
@@ -98,7 +108,8 @@ class EventStore:
         if self._pool is None:
             self.start()
         give_up_at = time.monotonic() + wait_seconds
-        if not self._ready.wait(wait_seconds):
+        # Until the table is ready, wait only for the first try to reach the database, then answer at once.
+        if not self._ready.is_set() and not (self._attempted.wait(wait_seconds) and self._ready.is_set()):
             raise UnavailableError(f"database unavailable: {self.last_fault}")
         try:
             with self._pool.connection(timeout=give_up_at - time.monotonic()) as connection:
@@ -106,28 +117,26 @@ class EventStore:
         except PoolTimeout:
             raise UnavailableError(f"database unavailable: {self.last_fault}") from None
         except psycopg.Error as error:
-            self.last_fault = database_fault(error)
-            raise UnavailableError(f"database error: {self.last_fault}") from None
+            fault = database_fault(error)
+            self.note_fault(fault)
+            raise UnavailableError(f"database error: {fault}") from None
 
     def _prepare(self) -> None:
         """Migrate the table, logging whether the database answered (and each new cause), until it is ready."""
-        reported = None
         while not self._closed.is_set():
             try:
                 # A pooled connection, so that the check counts against the dyno's connection budget.
                 with self._pool.connection(timeout=CONNECT_TIMEOUT_SECONDS) as connection:
                     version = migrate(connection)
             except PoolTimeout:
-                pass  # the pool's own attempt has just named the cause
+                self._attempted.set()  # the pool's own attempt has named the cause, if it failed
             except psycopg.Error as error:
-                self.last_fault = database_fault(error)
+                self.note_fault(database_fault(error))
             else:
                 self._ready.set()
+                self._attempted.set()
                 log.info("database ready", extra={"fields": {"schema_version": version}})
                 return
-            if self.last_fault != reported:
-                log.warning("database not ready", extra={"fields": {"cause": self.last_fault}})
-                reported = self.last_fault
             self._closed.wait(PREPARE_RETRY_SECONDS)
 
 
@@ -142,7 +151,7 @@ class FaultNamingConnection(psycopg.Connection):
             return super().connect(*args, **kwargs)
         except psycopg.Error as error:
             if cls.store is not None:
-                cls.store.last_fault = database_fault(error)
+                cls.store.note_fault(database_fault(error))
             raise
 
 

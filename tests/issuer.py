@@ -23,7 +23,8 @@ class Issuer:
         self.published = []  # kids listed in its JWKS
         self.available = True
         self.delay = 0.0  # seconds each answer hangs before it is sent, as a slow or stuck endpoint does
-        self.jwks_requests = 0
+        self.trickle = 0.0  # seconds between the bytes of each answer's body, as a stalled transfer looks
+        self.fetches = 0  # discovery requests, each the start of a fetch, counted whether or not answered
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}/data-connector"
         threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
@@ -59,7 +60,6 @@ class Issuer:
         if path.endswith("/.well-known/openid-configuration"):
             return {"issuer": self.url, "jwks_uri": self.url + "/jwks"}
         if path.endswith("/jwks"):
-            self.jwks_requests += 1
             keys = [{**json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self.private_keys[kid].public_key())),
                      "kid": kid, "use": "sig", "alg": self.algorithms[kid]} for kid in self.published]
             return {"keys": keys}
@@ -70,6 +70,8 @@ class Issuer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
+                if self.path.endswith("/.well-known/openid-configuration"):
+                    issuer.fetches += 1
                 time.sleep(issuer.delay)
                 document = issuer._documents(self.path) if issuer.available else None
                 status = 200 if document is not None else (503 if not issuer.available else 404)
@@ -79,7 +81,11 @@ class Issuer:
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(payload)
+                    step = 1 if issuer.trickle else len(payload)
+                    for start in range(0, len(payload), step):
+                        self.wfile.write(payload[start:start + step])
+                        self.wfile.flush()
+                        time.sleep(issuer.trickle)
                 except OSError:
                     pass  # the client stopped waiting for a slow answer
 

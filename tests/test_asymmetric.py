@@ -119,37 +119,67 @@ def test_key_endpoint_down_before_first_fetch_is_503(asymmetric_client, issuer, 
 
 
 def test_fetched_keys_survive_an_outage_of_the_endpoint(issuer):
-    """Keys fetched once keep verifying while the endpoint is down, even past their refresh age."""
+    """Keys fetched once keep verifying while the endpoint is down, even past their refresh age, which tries once."""
     clock = FakeClock()
     keys = SigningKeys(issuer.url, max_age=60, clock=clock)
     verify_asymmetric_token(issuer.token(BODY, "k1"), BODY, keys, ORGANIZATION_ID)
     issuer.available = False
     clock.now += 3600
+    for _ in range(3):  # the first starts a refresh in the background; none waits for it
+        verify_asymmetric_token(issuer.token(BODY, "k1"), BODY, keys, ORGANIZATION_ID)
+    wait_for_fetches_to_end(keys)
     verify_asymmetric_token(issuer.token(BODY, "k1"), BODY, keys, ORGANIZATION_ID)
-    assert issuer.jwks_requests == 1
+    assert issuer.fetches == 2
 
 
-def test_unknown_kid_refreshes_once_per_interval_then_finds_the_new_key(issuer):
-    """A rotated-in key is found after one refresh; a burst of bogus kids costs at most one fetch per interval."""
+def wait_for_fetches_to_end(keys: SigningKeys) -> None:
+    """Wait until no fetch of the key set is under way."""
+    deadline = time.monotonic() + 10
+    while keys._in_flight is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_unknown_kid_refreshes_once_per_default_interval_then_finds_the_new_key(issuer):
+    """A rotated-in key is found after one refresh; bogus kids cost at most one fetch per 30 s, the default interval."""
     clock = FakeClock()
-    keys = SigningKeys(issuer.url, refresh_interval=30, clock=clock)
+    keys = SigningKeys(issuer.url, clock=clock)
     verify_asymmetric_token(issuer.token(BODY, "k1"), BODY, keys, ORGANIZATION_ID)
     issuer.add_key("k2")
     for n in range(200):
         with pytest.raises(SignatureError, match="unknown key"):
             keys.key_for(f"bogus-{n}")
-    assert issuer.jwks_requests == 1
+    clock.now += 29
     with pytest.raises(SignatureError, match="unknown key"):
         verify_asymmetric_token(issuer.token(BODY, "k2"), BODY, keys, ORGANIZATION_ID)
-    clock.now += 31
+    assert issuer.fetches == 1
+    clock.now += 1
     verify_asymmetric_token(issuer.token(BODY, "k2"), BODY, keys, ORGANIZATION_ID)
-    assert issuer.jwks_requests == 2
+    assert issuer.fetches == 2
+
+
+def test_unknown_kid_while_the_endpoint_fails_is_503_and_tried_again_after_5_s(issuer):
+    """With keys held but the last fetch failed, an unknown kid may be real: 503, and the fetch is retried after 5 s."""
+    clock = FakeClock()
+    keys = SigningKeys(issuer.url, clock=clock)
+    keys.key_for("k1")
+    issuer.available = False
+    issuer.add_key("k2")
+    clock.now += 30
+    with pytest.raises(UnavailableError):
+        keys.key_for("k2")
+    issuer.available = True
+    clock.now += 4
+    with pytest.raises(UnavailableError):
+        keys.key_for("k2")  # too soon: no new fetch
+    clock.now += 1
+    assert keys.key_for("k2").key_id == "k2"
+    assert issuer.fetches == 3
 
 
 def test_endpoint_down_with_no_keys_recovers_on_a_later_attempt(issuer):
     """With no key held, a failed fetch is tried again after 5 s, sooner than the usual 30 s interval."""
     clock = FakeClock()
-    keys = SigningKeys(issuer.url, refresh_interval=30, clock=clock)
+    keys = SigningKeys(issuer.url, clock=clock)
     issuer.available = False
     with pytest.raises(UnavailableError):
         keys.key_for("k1")
@@ -159,6 +189,7 @@ def test_endpoint_down_with_no_keys_recovers_on_a_later_attempt(issuer):
         keys.key_for("k1")  # too soon: no new fetch
     clock.now += 1
     assert keys.key_for("k1").key_id == "k1"
+    assert issuer.fetches == 2
 
 
 def test_secret_rotation_with_both_headers(make_app, issuer):

@@ -4,12 +4,16 @@ import socket
 import threading
 import time
 
+import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import HMACAlgorithm
 
 from helpers import SECRET, claims_for, hand_made_hs256, signed_delivery, token_with
+from receiver.errors import SignatureError
 from receiver.sample import encode_body, sample_event, sign_body
+from receiver.signatures import secret_problem, verify_secret_token
 
 BODY = encode_body(sample_event(event_id="attack-1"))
 
@@ -31,13 +35,24 @@ def test_other_hmac_algorithms(client, algorithm):
     assert post(client, BODY, token_with(claims_for(BODY), algorithm=algorithm)) == (401, "token algorithm is not allowed")
 
 
-def test_public_key_as_secret_is_refused_on_every_delivery(make_app):
+def test_public_key_as_secret_is_refused_on_every_try(make_app):
     """pyjwt refuses a public key as an HMAC secret; checking each secret once must not make that once only."""
     public_pem = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-    client = make_app(DT_SIGNATURE_SECRET=public_pem).test_client()
     token = hand_made_hs256({"alg": "HS256", "typ": "JWT"}, claims_for(BODY), public_pem.encode())
-    assert [post(client, BODY, token)[0] for _ in range(3)] == [401, 401, 401]
+    for _ in range(3):
+        with pytest.raises(SignatureError, match="token has a malformed claim"):
+            verify_secret_token(token, BODY, [public_pem])
+    assert secret_problem("DT_SIGNATURE_SECRET", public_pem).startswith("DT_SIGNATURE_SECRET looks like a public key")
+    client = make_app(DT_SIGNATURE_SECRET=public_pem).test_client()
+    assert post(client, BODY, token) == (503, "receiver is not configured: see its log")
+
+
+def test_receivers_hs256_leaves_pyjwts_own_alone():
+    """The receiver's cached HS256 is its own: pyjwt's module-level HS256 is pyjwt's, and warns of a short key."""
+    assert type(jwt.get_algorithm_by_name("HS256")) is HMACAlgorithm
+    with pytest.warns(jwt.InsecureKeyLengthWarning):
+        jwt.decode(jwt.encode({"a": 1}, "short", algorithm="HS256"), "short", algorithms=["HS256"])
 
 
 @pytest.mark.parametrize("algorithm", ["RS256", "ES256"])

@@ -8,6 +8,9 @@ import sys
 import time
 import urllib.request
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from helpers import ROOT, SECRET, Server, free_port, procfile_command, signed_delivery
 from issuer import ORGANIZATION_ID
 from receiver.sample import sample_event
@@ -44,6 +47,18 @@ def test_start_without_secret_fails_at_once(tmp_path):
     assert "DT_SIGNATURE_SECRET" in completed.stderr and "DT_ORGANIZATION_ID" in completed.stderr
     assert "Traceback" not in completed.stderr
     assert time.monotonic() - started < 10
+
+
+def test_start_with_a_public_key_as_the_secret_fails_with_one_line(tmp_path):
+    """A PEM public key pasted as DT_SIGNATURE_SECRET stops the server at boot with one line naming the variable."""
+    public_pem = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    server = Server(tmp_path / "server.log", DT_SIGNATURE_SECRET=public_pem)
+    completed = subprocess.run(procfile_command(), shell=True, executable="bash", cwd=ROOT, env=server.env,
+                               capture_output=True, text=True, timeout=30)
+    assert completed.returncode != 0 and "Traceback" not in completed.stderr
+    assert ("receiver not started: DT_SIGNATURE_SECRET looks like a public key or a certificate, not a shared secret"
+            in completed.stderr)
 
 
 def test_short_secret_warns_once_at_start(start_server):
@@ -97,7 +112,7 @@ def test_asymmetric_signature_through_the_procfile_server(start_server, issuer):
     assert server.post(body, {"DT-Asymmetric-Signature": issuer.token(body, "k1")}) == (200, "logged\n")
     assert server.post(body, {"DT-Asymmetric-Signature": issuer.token(body, "k1", sub="org-other")}) == (
         403, "token is for another DT organization\n")
-    assert issuer.jwks_requests <= 2  # at most one fetch per worker
+    assert issuer.fetches <= 2  # at most one fetch per worker
 
 
 def test_server_answers_on_ipv4_and_ipv6(start_server):
