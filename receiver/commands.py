@@ -6,13 +6,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 import click
 import psycopg
-from flask import Flask
+from flask import Flask, current_app
+from flask.cli import with_appcontext
 
 from . import queries
 from .errors import ConfigError
@@ -42,135 +43,165 @@ class Moment(click.ParamType):
         return moment
 
 
-def register_commands(app: Flask, settings: Mapping[str, str]) -> None:
+def init_app(app: Flask) -> None:
     """Add the receiver's commands to `flask --app app`."""
+    for command in (send, events, backfill, prune, status):
+        app.cli.add_command(command)
 
-    def database_url() -> str:
-        """Return DATABASE_URL, or stop with one line saying how to set it."""
-        problem = database_problem(settings)
-        if problem:
-            raise click.ClickException(problem)
-        if not settings.get("DATABASE_URL"):
-            raise click.ClickException("this command reads the database: set DATABASE_URL "
+
+@click.command("send")
+@click.argument("url", default="http://localhost:5006/")
+@click.option("--type", "event_type", type=click.Choice(sorted(SAMPLE_DATA)), default="temperature")
+@click.option("--event-id", help="Reuse an id to see how a duplicate is answered.")
+@click.option("--timeout", default=15.0, show_default=True, help="Seconds to wait for the answer.")
+@with_appcontext
+def send(url: str, event_type: str, event_id: str | None, timeout: float) -> None:
+    """Sign a sample event with DT_SIGNATURE_SECRET, as DT does, and POST it to URL."""
+    secret = current_app.config.get("DT_SIGNATURE_SECRET")
+    if not secret:
+        raise click.ClickException("send signs with DT_SIGNATURE_SECRET: set it to the receiver's secret")
+    body = encode_body(sample_event(event_type, event_id))
+    status, answer = post(url, body, {SIGNATURE_HEADER: sign_body(body, secret)}, timeout)
+    click.echo(f"{status} {answer.strip()}")
+    if not 200 <= status < 300:
+        sys.exit(1)
+
+
+@click.command("events")
+@click.option("--device", help="Only this device id.")
+@click.option("--type", "event_type", help="Only this event type.")
+@click.option("--since", type=Moment(), help="Only events from this time on: RFC 3339, or 36h, 3d back from now.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10000))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line, for other tools.")
+@with_appcontext
+def events(device: str | None, event_type: str | None, since: datetime | None, limit: int, as_json: bool) -> None:
+    """List the newest stored events, newest first."""
+    with database() as connection:
+        found = queries.latest(connection, device, event_type, since, limit)
+    if not found:
+        click.echo("no stored events match", err=True)
+    for row in found:
+        click.echo(json.dumps(as_record(row), default=str) if as_json else as_text(row))
+
+
+@click.command("backfill")
+@click.option("--since", type=Moment(), required=True, help="Start of the window: RFC 3339, or 36h, 3d back from now.")
+@click.option("--until", type=Moment(), help="End of the window (default: now).")
+@click.option("--project", "projects", multiple=True,
+              help="A project id (repeatable; default: every one the account sees).")
+@click.option("--device", "devices", multiple=True, help="Only this device id (repeatable).")
+@click.option("--type", "event_types", multiple=True, help="Only this event type (repeatable).")
+@with_appcontext
+def backfill(since: datetime, until: datetime | None, projects: tuple[str, ...], devices: tuple[str, ...],
+             event_types: tuple[str, ...]) -> None:
+    """Store the events DT's history holds for a window that are not stored yet (after an outage)."""
+    until = until or datetime.now(timezone.utc)
+    if since >= until:
+        raise click.BadParameter("--since must be before --until", param_hint="--since")
+    started = time.monotonic()
+    tally = {"devices": 0, "fetched": 0, "new": 0}
+    with database() as connection, dt_account() as (rest_api, account):
+        targets = [(project, device) for project in projects or rest_api.list_project_ids(account)
+                   for device in rest_api.list_device_ids(account, project, devices or None)]
+        progress = "{devices} devices, {fetched} fetched, {new} new".format
+        with click.progressbar(targets, label="backfill", file=sys.stderr,
+                               item_show_func=lambda _: progress(**tally)) as bar:
+            for project, device in bar:
+                fetched = rest_api.iter_events(account, project, device, since, until, event_types or None)
+                tally["new"] += queries.add_history(connection, counted(fetched, tally))
+                tally["devices"] += 1
+    click.echo(f"backfill: {tally['devices']} devices, {tally['fetched']} events fetched, {tally['new']} new, "
+               f"{tally['fetched'] - tally['new']} already stored, {time.monotonic() - started:.1f} s")
+
+
+@click.command("prune")
+@click.option("--older-than", "older_than", type=Moment(), required=True,
+              help="Delete events from before this time: a duration back from now (90d) or RFC 3339.")
+@click.option("--dry-run", is_flag=True, help="Only say how many rows and bytes it would free.")
+@with_appcontext
+def prune(older_than: datetime, dry_run: bool) -> None:
+    """Delete old events in short batches, so deliveries never wait on a long transaction."""
+    cutoff = f"{older_than:%Y-%m-%d %H:%M} UTC"
+    with database() as connection:
+        estimate = queries.prune_estimate(connection, older_than)
+        if dry_run:
+            click.echo(f"prune: would delete {estimate['rows']} events from before {cutoff}, "
+                       f"about {megabytes(estimate['bytes'])} of the table")
+            return
+        deleted = 0
+        with click.progressbar(length=estimate["rows"], label="prune", file=sys.stderr) as bar:
+            for batch in queries.prune(connection, older_than):
+                deleted += batch
+                bar.update(batch)
+    click.echo(f"prune: deleted {deleted} events from before {cutoff}; PostgreSQL reuses the space for new events")
+
+
+@click.command("status")
+@click.option("--connector", help="A Data Connector id: also show DT's delivery counters (needs a service account).")
+@click.option("--project", help="The Data Connector's project id (with --connector).")
+@with_appcontext
+def status(connector: str | None, project: str | None) -> None:
+    """Say whether events keep arriving: the newest, recent counts, silent devices, backfilled rows, size."""
+    if connector and not project:
+        raise click.UsageError("--connector needs --project: the id of the project the Data Connector is in")
+    plan_bytes = plan_size()
+    with database() as connection:
+        report = queries.status(connection)
+    for line in status_lines(report, plan_bytes):
+        click.echo(line)
+    if connector:
+        with dt_account() as (rest_api, account):
+            metrics = rest_api.fetch_metrics(account, project, connector)
+        click.echo(f"connector {connector}, last 3 hours (DT's counters): {metrics.get('successCount', 0)} delivered, "
+                   f"{metrics.get('errorCount', 0)} failed, p99 latency {metrics.get('latency99p', '-')}")
+
+
+def plan_size() -> int | None:
+    """Return the database plan's size in bytes from DATABASE_PLAN_MB, if set, or stop with one line."""
+    plan_mb = current_app.config.get("DATABASE_PLAN_MB")
+    if not plan_mb:
+        return None
+    if not (plan_mb.strip().isdigit() and int(plan_mb) > 0):
+        raise click.ClickException("DATABASE_PLAN_MB must be your plan's size in whole MB (1024 for essential-0)")
+    return int(plan_mb) * 1024 * 1024
+
+
+def database_url() -> str:
+    """Return DATABASE_URL, or stop with one line saying how to set it."""
+    config = current_app.config
+    problem = database_problem(config)
+    if problem:
+        raise click.ClickException(problem)
+    if not config.get("DATABASE_URL"):
+        raise click.ClickException("this command reads the database: set DATABASE_URL "
                                    "(on Heroku: heroku addons:create heroku-postgresql:essential-0)")
-        return settings["DATABASE_URL"]
-
-    @app.cli.command("send")
-    @click.argument("url", default="http://localhost:5006/")
-    @click.option("--type", "event_type", type=click.Choice(sorted(SAMPLE_DATA)), default="temperature")
-    @click.option("--event-id", help="Reuse an id to see how a duplicate is answered.")
-    @click.option("--timeout", default=15.0, show_default=True, help="Seconds to wait for the answer.")
-    def send(url: str, event_type: str, event_id: str | None, timeout: float) -> None:
-        """Sign a sample event with DT_SIGNATURE_SECRET, as DT does, and POST it to URL."""
-        secret = settings.get("DT_SIGNATURE_SECRET")
-        if not secret:
-            raise click.ClickException("send signs with DT_SIGNATURE_SECRET: set it to the receiver's secret")
-        body = encode_body(sample_event(event_type, event_id))
-        status, answer = post(url, body, {SIGNATURE_HEADER: sign_body(body, secret)}, timeout)
-        click.echo(f"{status} {answer.strip()}")
-        if not 200 <= status < 300:
-            sys.exit(1)
-
-    @app.cli.command("events")
-    @click.option("--device", help="Only this device id.")
-    @click.option("--type", "event_type", help="Only this event type.")
-    @click.option("--since", type=Moment(), help="Only events from this time on: RFC 3339, or 36h, 3d back from now.")
-    @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10000))
-    @click.option("--json", "as_json", is_flag=True, help="One JSON object per line, for other tools.")
-    def events(device: str | None, event_type: str | None, since: datetime | None, limit: int, as_json: bool) -> None:
-        """List the newest stored events, newest first."""
-        with database(database_url()) as connection:
-            found = queries.latest(connection, device, event_type, since, limit)
-        if not found:
-            click.echo("no stored events match", err=True)
-        for row in found:
-            click.echo(json.dumps(as_record(row), default=str) if as_json else as_text(row))
+    return config["DATABASE_URL"]
 
 
-    @app.cli.command("backfill")
-    @click.option("--since", type=Moment(), required=True, help="Start of the window: RFC 3339, or 36h, 3d back from now.")
-    @click.option("--until", type=Moment(), help="End of the window (default: now).")
-    @click.option("--project", "projects", multiple=True, help="A project id (repeatable; default: every one the account sees).")
-    @click.option("--device", "devices", multiple=True, help="Only this device id (repeatable).")
-    @click.option("--type", "event_types", multiple=True, help="Only this event type (repeatable).")
-    def backfill(since: datetime, until: datetime | None, projects: tuple[str, ...], devices: tuple[str, ...],
-                 event_types: tuple[str, ...]) -> None:
-        """Store the events DT's history holds for a window that are not stored yet (after an outage)."""
-        url = database_url()
-        history = dt_history()
-        until = until or datetime.now(timezone.utc)
-        if since >= until:
-            raise click.BadParameter("--since must be before --until", param_hint="--since")
-        started = time.monotonic()
-        tally = {"devices": 0, "fetched": 0, "new": 0}
-        with database(url) as connection, dt_api(history) as account:
-            targets = [(project, device) for project in projects or history.list_project_ids(account)
-                       for device in history.list_device_ids(account, project, devices or None)]
-            with click.progressbar(targets, label="backfill", file=sys.stderr,
-                                   item_show_func=lambda _: "{devices} devices, {fetched} fetched, {new} new".format(**tally)) as bar:
-                for project, device in bar:
-                    events = counted(history.iter_events(account, project, device, since, until, event_types or None), tally)
-                    tally["new"] += queries.add_history(connection, events)
-                    tally["devices"] += 1
-        click.echo(f"backfill: {tally['devices']} devices, {tally['fetched']} events fetched, {tally['new']} new, "
-                   f"{tally['fetched'] - tally['new']} already stored, {time.monotonic() - started:.1f} s")
+@contextmanager
+def database() -> Iterator[psycopg.Connection]:
+    """Lend the commands' connection to DATABASE_URL, turning a database fault into one line."""
+    url = database_url()
+    try:
+        with queries.connect(url) as connection:
+            yield connection
+    except queries.DatabaseError as error:
+        raise click.ClickException(f"database unavailable: {error}") from None
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
 
-    @app.cli.command("prune")
-    @click.option("--older-than", "older_than", type=Moment(), required=True,
-                  help="Delete events from before this time: a duration back from now (90d) or RFC 3339.")
-    @click.option("--dry-run", is_flag=True, help="Only say how many rows and bytes it would free.")
-    def prune(older_than: datetime, dry_run: bool) -> None:
-        """Delete old events in short batches, so deliveries never wait on a long transaction."""
-        with database(database_url()) as connection:
-            estimate = queries.prune_estimate(connection, older_than)
-            if dry_run:
-                click.echo(f"prune: would delete {estimate['rows']} events from before {older_than:%Y-%m-%d %H:%M} UTC, "
-                           f"about {megabytes(estimate['bytes'])} of the table")
-                return
-            deleted = 0
-            with click.progressbar(length=estimate["rows"], label="prune", file=sys.stderr) as bar:
-                for batch in queries.prune(connection, older_than):
-                    deleted += batch
-                    bar.update(batch)
-        click.echo(f"prune: deleted {deleted} events from before {older_than:%Y-%m-%d %H:%M} UTC; "
-                   "PostgreSQL reuses the space for new events")
 
-    @app.cli.command("status")
-    @click.option("--connector", help="A Data Connector id: also show DT's delivery counters (needs a service account).")
-    @click.option("--project", help="The Data Connector's project id (with --connector).")
-    def status(connector: str | None, project: str | None) -> None:
-        """Say whether events keep arriving: the newest, recent counts, silent devices, backfilled rows, size."""
-        if connector and not project:
-            raise click.UsageError("--connector needs --project: the id of the project the Data Connector is in")
-        plan_mb = settings.get("DATABASE_PLAN_MB")
-        if plan_mb and not (plan_mb.strip().isdigit() and int(plan_mb) > 0):
-            raise click.ClickException("DATABASE_PLAN_MB must be your plan's size in whole MB (1024 for essential-0)")
-        with database(database_url()) as connection:
-            report = queries.status(connection)
-        for line in status_lines(report, settings):
-            click.echo(line)
-        if connector:
-            history = dt_history()
-            with dt_api(history) as account:
-                metrics = history.fetch_metrics(account, project, connector)
-            click.echo(f"connector {connector}, last 3 hours (DT's counters): {metrics.get('successCount', 0)} delivered, "
-                       f"{metrics.get('errorCount', 0)} failed, p99 latency {metrics.get('latency99p', '-')}")
-
-    def dt_history():
-        """Import DT's client only for the commands that talk to DT (it reads credentials files at import)."""
-        try:
-            from . import history
-        except Exception as error:  # e.g. DT_CREDENTIALS_FILE names a missing file
-            raise click.ClickException(f"DT's client could not start: {type(error).__name__}: {error}") from None
-        return history
-
-    @contextmanager
-    def dt_api(history) -> Iterator:
-        """Lend the service account; turn DT's API faults into one line."""
-        try:
-            yield history.load_account(settings)
-        except history.HistoryError as error:
-            raise click.ClickException(str(error)) from None
+@contextmanager
+def dt_account() -> Iterator[tuple]:
+    """Lend DT's REST API and the service account; turn its faults into one line."""
+    try:  # imported only by the commands that talk to DT: DT's client reads credentials files at import
+        from . import rest_api
+    except Exception as error:  # e.g. DT_CREDENTIALS_FILE names a missing file
+        raise click.ClickException(f"DT's client could not start: {type(error).__name__}: {error}") from None
+    try:
+        yield rest_api, rest_api.load_account(current_app.config)
+    except rest_api.ApiError as error:
+        raise click.ClickException(str(error)) from None
 
 
 def counted(events: Iterator[dict], tally: dict) -> Iterator[dict]:
@@ -180,7 +211,7 @@ def counted(events: Iterator[dict], tally: dict) -> Iterator[dict]:
         yield event
 
 
-def status_lines(report: dict, settings: Mapping[str, str]) -> list[str]:
+def status_lines(report: dict, plan_bytes: int | None) -> list[str]:
     """Return the status report as lines for people."""
     newest = report["newest"]
     lines = [f"newest event: {newest['event_time']:%Y-%m-%d %H:%M:%S} UTC ({newest['event_type']}, device "
@@ -195,8 +226,7 @@ def status_lines(report: dict, settings: Mapping[str, str]) -> list[str]:
     sources = report["sources"]
     lines.append(f"backfilled: {sources['history']} of the {sources['all_events']} events of the last 7 days came from DT's history")
     sizes = report["sizes"]
-    plan_mb = settings.get("DATABASE_PLAN_MB")
-    full = f", {sizes['database_bytes'] / (int(plan_mb) * 1024 * 1024):.0%} of the plan's {plan_mb} MB" if plan_mb else ""
+    full = f", {sizes['database_bytes'] / plan_bytes:.0%} of the plan's {plan_bytes // 2**20} MB" if plan_bytes else ""
     lines.append(f"size: events table {megabytes(sizes['table_bytes'])}, database {megabytes(sizes['database_bytes'])}{full}")
     return lines
 
@@ -221,18 +251,6 @@ def as_text(row: dict) -> str:
     data = json.dumps(event.get("data"), ensure_ascii=False)
     when = row["event_time"].isoformat(timespec="seconds")
     return f"{when}  {row['device_id']}  {row['event_type']}  {row['event_id']}  {labels}  {data}"
-
-
-@contextmanager
-def database(url: str) -> Iterator[psycopg.Connection]:
-    """Lend the commands' connection, turning a database fault into one line."""
-    try:
-        with queries.connect(url) as connection:
-            yield connection
-    except queries.DatabaseError as error:
-        raise click.ClickException(f"database unavailable: {error}") from None
-    except ConfigError as error:
-        raise click.ClickException(str(error)) from None
 
 
 def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> tuple[int, str]:

@@ -3,12 +3,23 @@
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
+# Every variable the receiver and its commands read; the app's config holds these and no others of the environment.
+NAMES = (
+    "DT_SIGNATURE_SECRET", "DT_SIGNATURE_SECRET_PREVIOUS", "DT_ORGANIZATION_ID", "DT_ISSUER",
+    "DATABASE_URL", "DATABASE_MAX_CONNECTIONS", "DATABASE_PLAN_MB", "WEB_CONCURRENCY",
+    "DT_SERVICE_ACCOUNT_KEY_ID", "DT_SERVICE_ACCOUNT_SECRET", "DT_SERVICE_ACCOUNT_EMAIL", "DT_API_URL", "DT_AUTH_URL",
+)
 DATABASE_SCHEMES = ("postgres", "postgresql")
 SECRETS = ("DT_SIGNATURE_SECRET", "DT_SIGNATURE_SECRET_PREVIOUS")
 MIN_SECRET_BYTES = 32
 WHOLE_NUMBERS = ("WEB_CONCURRENCY", "DATABASE_MAX_CONNECTIONS")
 # Heroku Postgres essential-0 allows 20 connections: two dynos of 8 leave 4 for `heroku run` and psql.
 DEFAULT_CONNECTION_BUDGET = 8
+
+
+def read_settings(source: Mapping[str, str]) -> dict[str, str]:
+    """Return the receiver's settings from a mapping such as the environment."""
+    return {name: source[name] for name in NAMES if name in source}
 
 
 def verification_problem(settings: Mapping[str, str]) -> str | None:

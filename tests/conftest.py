@@ -23,11 +23,8 @@ DATABASE_NUMBERS = itertools.count()
 settings.register_profile("quick", database=None, print_blob=True, max_examples=200, deadline=None)
 settings.register_profile("deep", database=None, print_blob=True, max_examples=5000, deadline=None)
 
-# app.py builds its module-level `app` from the environment when it is imported.
-os.environ.setdefault("DT_SIGNATURE_SECRET", SECRET)
-
-from app import create_app  # noqa: E402
-from receiver.logs import JsonLineFormatter  # noqa: E402
+from receiver import create_app
+from receiver.logs import JsonLineFormatter
 
 
 @pytest.fixture
@@ -44,8 +41,8 @@ def make_app():
 
     yield build
     for app in apps:  # stop each pool and its schema check, as a worker does on exit
-        if app.extensions["dt_events_store"] is not None:
-            app.extensions["dt_events_store"].close()
+        if app.extensions["receiver"].store is not None:
+            app.extensions["receiver"].store.close()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app import create_app
+from receiver import create_app
 from helpers import SECRET, Server, claims_for, token_with
 from receiver.sample import encode_body, sign_body
 

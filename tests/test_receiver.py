@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from app import MAX_BODY_BYTES, create_app
+from receiver import create_app
+from receiver.webhook import MAX_BODY_BYTES
 from helpers import SECRET, claims_for, signed_delivery, token_with
 from receiver.sample import encode_body, sample_event
 

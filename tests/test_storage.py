@@ -187,7 +187,7 @@ def large_table(postgres):
 
 def readme_queries() -> list[str]:
     """Return the README's example queries, its fixed day moved to the seeded data's last day."""
-    examples = re.search(r"```sql\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL).group(1)
+    examples = re.search(r"```sql\n(.*?)```", (ROOT / "docs" / "database.md").read_text(), re.DOTALL).group(1)
     examples = examples.replace("'2026-11-20'", "now() - interval '1 day'").replace("'2026-11-21'", "now()")
     return [query for query in examples.split(";") if query.strip()]
 

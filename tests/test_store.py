@@ -209,7 +209,7 @@ def test_readme_example_queries_run(make_app, database_url):
     client = make_app(DATABASE_URL=database_url).test_client()
     for event_type in ("temperature", "touch", "temperature"):
         client.post("/", data=(delivery := signed_delivery(sample_event(event_type)))[0], headers=delivery[1])
-    examples = re.search(r"```sql\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL).group(1)
+    examples = re.search(r"```sql\n(.*?)```", (ROOT / "docs" / "database.md").read_text(), re.DOTALL).group(1)
     examples = examples.replace("'2026-11-20'", "now() - interval '1 day'").replace("'2026-11-21'", "now() + interval '1 day'")
     latest_per_type, one_day = [rows(database_url, query) for query in examples.split(";") if query.strip()]
     assert sorted(row["event_type"] for row in latest_per_type) == ["temperature", "touch"]

@@ -28,7 +28,7 @@ EVENTS_PAGE_SIZE = 1000  # the largest page DT serves: fewest round trips per de
 ID = re.compile(r"[A-Za-z0-9_-]+")
 
 
-class HistoryError(Exception):
+class ApiError(Exception):
     """DT's API cannot be used as configured or right now; the message is one line saying what to fix."""
 
 
@@ -45,17 +45,17 @@ class Account:
 
 def load_account(settings: Mapping[str, Any], request_timeout: float = REQUEST_TIMEOUT_SECONDS,
                  request_attempts: int = REQUEST_ATTEMPTS) -> Account:
-    """Return the service account the settings name, or raise HistoryError naming what is missing."""
+    """Return the service account the settings name, or raise ApiError naming what is missing."""
     values = {name: str(settings.get(name) or "").strip() for name in CREDENTIALS}
     missing = [name for name, value in values.items() if not value]
     if missing:
-        raise HistoryError(f"set {' and '.join(missing)}: the key of a DT service account with access to "
+        raise ApiError(f"set {' and '.join(missing)}: the key of a DT service account with access to "
                            "the projects (DT Studio, API Integrations > Service Accounts)")
     api_url = str(settings.get("DT_API_URL") or DEFAULT_API_URL).strip().rstrip("/")
     auth_url = str(settings.get("DT_AUTH_URL") or DEFAULT_AUTH_URL).strip()
     for name, url in (("DT_API_URL", api_url), ("DT_AUTH_URL", auth_url)):
         if not re.match(r"https?://[^/\s]+", url):
-            raise HistoryError(f"{name} must be an http(s) URL, not {url!r}")
+            raise ApiError(f"{name} must be an http(s) URL, not {url!r}")
     auth = disruptive.Auth.service_account(*values.values())
     auth.token_endpoint = auth_url  # also the `aud` claim DT checks in the assertion
     return Account(api_url, auth_url, auth, request_timeout, request_attempts)
@@ -122,7 +122,7 @@ def _options(account: Account) -> dict:
 
 @contextmanager
 def _signed_in(account: Account, what: str):
-    """Hold a fresh access token, then run the block; turn every failure of the client into HistoryError."""
+    """Hold a fresh access token, then run the block; turn every failure of the client into ApiError."""
     # The token exchange reads only the package-wide timeout and attempts; set them to this account's.
     disruptive.request_timeout = account.request_timeout
     disruptive.request_attempts = account.request_attempts
@@ -141,13 +141,13 @@ def _translated(account: Account, what: str, token_endpoint: bool):
         yield
     except dterrors.DTApiError as error:
         seconds = time.monotonic() - started
-        raise HistoryError(_explain(account, error, what, where, variable, token_endpoint, seconds)) from None
+        raise ApiError(_explain(account, error, what, where, variable, token_endpoint, seconds)) from None
     except requests.JSONDecodeError:  # an answer that is not JSON at all: not DT's API
-        raise HistoryError(f"{where} did not answer like DT's REST API about {what}: check {variable}") from None
+        raise ApiError(f"{where} did not answer like DT's REST API about {what}: check {variable}") from None
     except requests.RequestException:  # what the client does not retry: a URL it cannot even send to
-        raise HistoryError(f"cannot send a request to {where}: check {variable}") from None
+        raise ApiError(f"cannot send a request to {where}: check {variable}") from None
     except (ValueError, KeyError, TypeError):  # a body that is not DT's JSON, or not of DT's shape
-        raise HistoryError(f"{where} did not answer like DT's REST API about {what}: check {variable}") from None
+        raise ApiError(f"{where} did not answer like DT's REST API about {what}: check {variable}") from None
 
 
 def _explain(account: Account, error: dterrors.DTApiError, what: str, where: str, variable: str,
@@ -187,7 +187,7 @@ def _reason(error: dterrors.DTApiError) -> str:
 
 def _check_id(kind: str, value: str) -> str:
     if not isinstance(value, str) or not ID.fullmatch(value) or value == "-":
-        raise HistoryError(f"{value!r} is not a DT {kind} ID")
+        raise ApiError(f"{value!r} is not a DT {kind} ID")
     return value
 
 

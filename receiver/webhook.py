@@ -1,0 +1,130 @@
+"""The webhook: POST / verifies a delivery, keeps its event, hands it to your code, and only then answers 200."""
+
+import logging
+import time
+
+import gevent
+from flask import Blueprint, Response, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from . import on_event
+from .components import components
+from .errors import DeliveryError, UnavailableError
+from .events import Event, parse_event
+from .logs import EVENTS_LOGGER, LOGGED, JsonText
+from .store import EventStore
+
+MAX_BODY_BYTES = 256 * 1024  # DT events are a few KB; this bounds what one request can make a worker hold
+# DT waits 10 s for an answer; every delivery is answered within this, whatever it waits on.
+DEADLINE_SECONDS = 7.0
+# The pool's own wait ends this much before the deadline, so a queued delivery hears why.
+POOL_MARGIN_SECONDS = 0.5
+HINT = "DT Data Connector receiver is up: point a Data Connector at this URL (it accepts POST).\n"
+
+log = logging.getLogger("receiver")
+event_log = logging.getLogger(EVENTS_LOGGER)
+blueprint = Blueprint("webhook", __name__)
+
+
+@blueprint.get("/")
+def hint() -> Response:
+    """Say what this URL is for, to a person who opens it."""
+    return plain_text(HINT, 200)
+
+
+@blueprint.post("/")
+def receive() -> Response:
+    """Verify, keep, hand over and log one delivery, within the deadline."""
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    parts = components()
+    with gevent.Timeout(DEADLINE_SECONDS, UnavailableError(f"no answer within {DEADLINE_SECONDS:g} s")):
+        if parts.problem:
+            log.error("receiver is not configured", extra={"fields": {"problem": parts.problem}})
+            raise UnavailableError("receiver is not configured: see its log")
+        body = read_body()
+        parts.verifier.verify(request.headers, body)
+        event = parse_event(body)
+        outcome = "logged" if parts.store is None else keep(event, parts.store, deadline)
+        run_event_handler(event)
+        write_event_line(event, outcome)
+    return plain_text(outcome + "\n", 200)
+
+
+@blueprint.app_errorhandler(DeliveryError)
+def turn_away(error: DeliveryError) -> Response:
+    """Answer a delivery the receiver does not accept with its status and reason."""
+    response = rejection(error.status, str(error))
+    if isinstance(error, UnavailableError):
+        response.headers["Retry-After"] = str(error.retry_after_seconds)
+    return response
+
+
+@blueprint.app_errorhandler(HTTPException)
+def turn_away_http(error: HTTPException) -> Response:
+    """Answer a wrong path, method or size with a short reason, as other rejections are."""
+    reasons = {413: f"body is larger than {MAX_BODY_BYTES} bytes",
+               404: "no such path: point the Data Connector at this app's root URL, /"}
+    response = rejection(error.code, reasons.get(error.code, error.name.lower()))
+    response.headers.update({k: v for k, v in error.get_headers() if k == "Allow"})
+    return response
+
+
+def read_body() -> bytes:
+    """Return the request's body, or refuse one over the limit."""
+    body = request.get_data(cache=False)
+    if len(body) > MAX_BODY_BYTES:
+        raise RequestEntityTooLarge()
+    return body
+
+
+def keep(event: Event, store: EventStore, deadline: float) -> str:
+    """Commit the event before the deadline; return "stored", or "duplicate" if it was stored before."""
+    pool_wait = deadline - time.monotonic() - POOL_MARGIN_SECONDS
+    return "stored" if store.save(event, pool_wait) else "duplicate"
+
+
+def run_event_handler(event: Event) -> None:
+    """Give the event to the user's code; if it fails, DT is told to retry."""
+    try:
+        on_event.on_event(event)
+    except DeliveryError:
+        raise  # the delivery's deadline, not the handler's own failure
+    except Exception as error:
+        fields = {"event_id": event.event_id, "error": type(error).__name__}
+        log.warning("event handler failed", extra={"fields": fields})
+        raise UnavailableError(f"event handler failed: {type(error).__name__}") from None
+
+
+def write_event_line(event: Event, outcome: str) -> None:
+    """Write the accepted event's log line, or refuse the delivery if it cannot be written."""
+    try:
+        event_log.info(f"event {outcome}", extra={"fields": event_fields(event)})
+    except OSError:  # stdout closed or full: without its line, a log-only event would be lost
+        raise UnavailableError("log line could not be written") from None
+    request.environ[LOGGED] = True
+
+
+def event_fields(event: Event) -> dict:
+    """Return what the log line of an accepted event says."""
+    return {
+        "event_id": event.event_id,
+        "event_type": event.event_type,
+        "device_id": event.device_id,
+        "project_id": event.project_id,
+        "timestamp": event.timestamp,
+        "request_id": request.headers.get("X-Request-Id"),
+        "body": JsonText.of(event),
+    }
+
+
+def rejection(status: int, reason: str) -> Response:
+    """Log why a request is turned away and answer with the reason."""
+    fields = {"status": status, "reason": reason, "request_id": request.headers.get("X-Request-Id")}
+    log.warning("request rejected", extra={"fields": fields})  # a failed write never raises: only the event line's does
+    request.environ[LOGGED] = True
+    return plain_text(reason + "\n", status)
+
+
+def plain_text(text: str, status: int) -> Response:
+    """Return a short text/plain answer."""
+    return Response(text, status=status, mimetype="text/plain")
