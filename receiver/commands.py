@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import click
 import psycopg
@@ -35,7 +35,7 @@ class Moment(click.ParamType):
         if isinstance(value, datetime):
             return value
         if match := DURATION.fullmatch(value.strip()):
-            return datetime.now(timezone.utc) - timedelta(**{UNITS[match[2]]: int(match[1])})
+            return datetime.now(UTC) - timedelta(**{UNITS[match[2]]: int(match[1])})
         moment = parse_timestamp(value.strip().replace(" ", "T"))
         if moment is None:
             self.fail(f"{value!r} is neither an RFC 3339 time with a zone (2026-11-20T06:00:00Z) "
@@ -95,7 +95,7 @@ def events(device: str | None, event_type: str | None, since: datetime | None, l
 def backfill(since: datetime, until: datetime | None, projects: tuple[str, ...], devices: tuple[str, ...],
              event_types: tuple[str, ...]) -> None:
     """Store the events DT's history holds for a window that are not stored yet (after an outage)."""
-    until = until or datetime.now(timezone.utc)
+    until = until or datetime.now(UTC)
     if since >= until:
         raise click.BadParameter("--since must be before --until", param_hint="--since")
     started = time.monotonic()
@@ -220,14 +220,17 @@ def status_lines(report: dict, plan_bytes: int | None) -> list[str]:
     lines += [f"  {row['event_type']}: {row['last_hour']} in the last hour, {row['last_day']} in the last day"
               for row in report["by_type"]] or ["  no events in the last day"]
     silent = report["silent"]
-    lines.append(f"silent devices: {len(silent)}" + (" (newest event much older than their usual interval)" if silent else ""))
+    note = " (newest event much older than their usual interval)" if silent else ""
+    lines.append(f"silent devices: {len(silent)}{note}")
     lines += [f"  {row['device_id']}: newest {row['newest']:%Y-%m-%d %H:%M} UTC, usually every "
               f"{row['usual_interval'].total_seconds() / 60:.0f} min" for row in silent[:20]]
     sources = report["sources"]
-    lines.append(f"backfilled: {sources['history']} of the {sources['all_events']} events of the last 7 days came from DT's history")
+    lines.append(f"backfilled: {sources['history']} of the {sources['all_events']} events of the last 7 days "
+                 "came from DT's history")
     sizes = report["sizes"]
     full = f", {sizes['database_bytes'] / plan_bytes:.0%} of the plan's {plan_bytes // 2**20} MB" if plan_bytes else ""
-    lines.append(f"size: events table {megabytes(sizes['table_bytes'])}, database {megabytes(sizes['database_bytes'])}{full}")
+    lines.append(f"size: events table {megabytes(sizes['table_bytes'])}, "
+                 f"database {megabytes(sizes['database_bytes'])}{full}")
     return lines
 
 
@@ -258,7 +261,7 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> tupl
     if not url.startswith(("http://", "https://")):
         raise click.BadParameter("give an http:// or https:// URL", param_hint="URL")
     headers = {"Content-Type": "application/json", **headers}
-    outgoing = urllib.request.Request(url, data=body, method="POST", headers=headers)  # noqa: S310 (scheme checked above)
+    outgoing = urllib.request.Request(url, data=body, method="POST", headers=headers)  # noqa: S310 (scheme checked)
     try:
         with urllib.request.urlopen(outgoing, timeout=timeout) as answer:  # noqa: S310 (scheme checked above)
             return answer.status, answer.read().decode(errors="replace")

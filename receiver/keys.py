@@ -119,7 +119,8 @@ def read_json(url: str, deadline: float) -> Any:
     """Return the JSON document at a URL, read whole before the deadline and within the size limit."""
     body = bytearray()
     # A per-read timeout alone would let an endpoint that trickles a byte at a time hold the fetch forever.
-    with urllib.request.urlopen(url, timeout=max(deadline - time.monotonic(), 0.01)) as response:  # noqa: S310 (http(s) from configuration)
+    timeout = max(deadline - time.monotonic(), 0.01)
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (an http(s) URL of the issuer's)
         while chunk := response.read1(16 * 1024):
             body += chunk
             if len(body) > MAX_DOCUMENT_BYTES:

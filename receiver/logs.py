@@ -57,7 +57,7 @@ def configure_logging() -> None:
 
 
 class StrictStreamHandler(logging.StreamHandler):
-    """A stream handler that raises when an accepted event's line cannot be written, so it is not answered 200 unlogged."""
+    """A stream handler that raises when an accepted event's line cannot be written: it must not be answered 200."""
 
     def handleError(self, record: logging.LogRecord) -> None:
         if record.name == EVENTS_LOGGER:

@@ -68,14 +68,15 @@ def connect(database_url: str) -> Iterator[psycopg.Connection]:
 def latest(connection: psycopg.Connection, device: str | None, event_type: str | None, since: datetime | None,
            limit: int) -> list[dict]:
     """Return the newest stored events, newest first, with their bodies parsed."""
-    found = connection.execute(LATEST, {"device": device, "type": event_type, "since": since, "limit": limit}).fetchall()
+    params = {"device": device, "type": event_type, "since": since, "limit": limit}
+    found = connection.execute(LATEST, params).fetchall()
     for row in found:
         row["event"] = json.loads(row["event"])
     return found
 
 
 def add_history(connection: psycopg.Connection, events: Iterable[dict]) -> int:
-    """Store events fetched from DT's history (an `event` object each) unless stored already; return how many are new."""
+    """Store events from DT's history (an `event` object each) unless stored already; return how many are new."""
     added = 0
     for batch in batches(events, HISTORY_BATCH):
         # The same columns a pushed event gets; the body is what DT's history holds: the event alone.
@@ -83,7 +84,8 @@ def add_history(connection: psycopg.Connection, events: Iterable[dict]) -> int:
         parsed = [parse_event(json.dumps({"event": event}, separators=(",", ":"), ensure_ascii=False)
                               .encode("utf-8", "backslashreplace")) for event in batch]
         columns = [[event.event_id for event in parsed], [event.device_id for event in parsed],
-                   [event.event_type for event in parsed], [event.time for event in parsed], [event.text for event in parsed]]
+                   [event.event_type for event in parsed], [event.time for event in parsed],
+                   [event.text for event in parsed]]
         added += insert_keeping_odd_text(connection, INSERT_HISTORY, columns)
     return added
 
@@ -134,7 +136,9 @@ SELECT count(*) FILTER (WHERE source = 'history') AS history, count(*) AS all_ev
 FROM dt_events WHERE event_time >= now() - interval '7 days'
 """
 
-SIZES = "SELECT pg_total_relation_size('dt_events') AS table_bytes, pg_database_size(current_database()) AS database_bytes"
+SIZES = """
+SELECT pg_total_relation_size('dt_events') AS table_bytes, pg_database_size(current_database()) AS database_bytes
+"""
 
 
 def status(connection: psycopg.Connection) -> dict:

@@ -4,7 +4,7 @@ import hashlib
 import json
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import jwt
@@ -34,7 +34,7 @@ def sample_event(
     event_type: str = "temperature", event_id: str | None = None, device_id: str = "emuc2f3h2lbr9a5ks2vncg0"
 ) -> dict[str, Any]:
     """Return an event shaped like those DT forwards, with a fresh id unless one is given."""
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     project_id = "c0md3mm0c7bet3vico8g"
     return {
         "event": {

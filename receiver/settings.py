@@ -46,7 +46,8 @@ def database_problem(settings: Mapping[str, str]) -> str | None:
     except ValueError:  # e.g. an unclosed [ around an IPv6 host
         return "DATABASE_URL is not a URL: check its host part"
     if scheme not in DATABASE_SCHEMES:
-        return f"DATABASE_URL must start with postgres:// or postgresql://, not {scheme + '://' if scheme else 'without a scheme'}"
+        found = scheme + "://" if scheme else "without a scheme"
+        return f"DATABASE_URL must start with postgres:// or postgresql://, not {found}"
     return None
 
 

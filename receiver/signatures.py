@@ -3,8 +3,8 @@
 import functools
 import hashlib
 import hmac
-from contextlib import contextmanager
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import jwt
@@ -44,7 +44,7 @@ class HS256CheckingEachSecretOnce(HMACAlgorithm):
     not measured here: the receiver warns of a short secret once at start-up, pyjwt would on every token.
     """
 
-    @functools.lru_cache(maxsize=8)
+    @functools.lru_cache(maxsize=8)  # noqa: B019 (one instance, made once: it lives as long as the process anyway)
     def prepare_key(self, key: str | bytes) -> bytes:
         return super().prepare_key(key)
 
@@ -64,7 +64,8 @@ def secret_problem(name: str, secret: str) -> str | None:
     try:
         HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(secret)
     except jwt.InvalidKeyError:
-        return f"{name} looks like a public key or a certificate, not a shared secret: set the Data Connector's Signature Secret"
+        return (f"{name} looks like a public key or a certificate, not a shared secret: "
+                "set the Data Connector's Signature Secret")
     return None
 
 

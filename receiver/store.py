@@ -165,7 +165,7 @@ def insert_keeping_odd_text(connection: psycopg.Connection, query: str, params) 
 
 
 def escaped(value):
-    """Return text (also inside lists and tuples) with NULs and lone surrogates as JSON escapes; other values as they are."""
+    """Return text (also inside lists and tuples) with NULs and lone surrogates as JSON escapes; the rest as it is."""
     if isinstance(value, (list, tuple)):
         return type(value)(map(escaped, value))
     if not isinstance(value, str):

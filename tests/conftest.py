@@ -24,7 +24,9 @@ settings.register_profile("quick", database=None, print_blob=True, max_examples=
 settings.register_profile("deep", database=None, print_blob=True, max_examples=5000, deadline=None)
 
 from receiver import create_app
-from receiver.logs import JsonLineFormatter
+from receiver.logs import JsonLineFormatter, configure_logging
+
+configure_logging()  # as a worker does when it loads the app: before any test adds a handler of its own
 
 
 @pytest.fixture

@@ -258,8 +258,8 @@ def test_defaults_to_dts_endpoints(settings):
     """Without DT_API_URL and DT_AUTH_URL the account points at DT's production API and token endpoint."""
     del settings["DT_API_URL"], settings["DT_AUTH_URL"]
     account = rest_api.load_account(settings)
-    assert (account.api_url, account.auth_url) == (history.DEFAULT_API_URL, history.DEFAULT_AUTH_URL)
-    assert account.auth.token_endpoint == history.DEFAULT_AUTH_URL
+    assert (account.api_url, account.auth_url) == (rest_api.DEFAULT_API_URL, rest_api.DEFAULT_AUTH_URL)
+    assert account.auth.token_endpoint == rest_api.DEFAULT_AUTH_URL
 
 
 @pytest.mark.parametrize("name", ["DT_API_URL", "DT_AUTH_URL"])
