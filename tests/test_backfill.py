@@ -12,8 +12,10 @@ import pytest
 from psycopg.rows import dict_row
 
 from dt_api import PROJECT, DTApi, history_event, hours_ago
-from helpers import SECRET, free_port, signed_delivery
+from helpers import SECRET, free_port, own_role, signed_delivery
+from issuer import ORGANIZATION_ID
 from receiver.sample import encode_body, sample_event
+from receiver.schema import migrate
 
 SUMMARY = re.compile(r"backfill: (\d+) devices, (\d+) events fetched, (\d+) new, (\d+) already stored, \d+\.\d s")
 BENCHMARK_EVENTS = 100_000
@@ -580,3 +582,23 @@ def test_health_does_not_name_the_configured_database(make_app, postgres):
     answer = client.get("/health")
     assert answer.status_code == 503 and answer.json["problems"]["database"].startswith("database unavailable")
     assert "d8c5privatename" not in answer.text
+
+
+def test_health_is_503_when_the_database_refuses_inserts(make_app, postgres, database_url):
+    """With INSERT revoked, as Heroku does when a plan is full, /health is 503 naming the refusal, though the database answers."""
+    owner_url = own_role(postgres, database_url)
+    with psycopg.connect(owner_url, autocommit=True) as owner:
+        migrate(owner)  # the table belongs to the receiver's own role, as on Heroku
+        owner.execute("REVOKE INSERT ON dt_events FROM CURRENT_USER")
+    answer = make_app(DATABASE_URL=owner_url).test_client().get("/health")
+    assert (answer.status_code, answer.json) == (503, {"ok": False, "problems": {
+        "database": "database refuses new events: permission denied (is the plan full?)"}})
+
+
+def test_health_is_503_when_dts_signing_keys_cannot_be_fetched(make_app, issuer):
+    """Verifying DT-Asymmetric-Signature with DT's key endpoint down and no key held, /health is 503 naming the signing keys."""
+    client = make_app(DT_SIGNATURE_SECRET="", DT_ORGANIZATION_ID=ORGANIZATION_ID, DT_ISSUER=issuer.url).test_client()
+    issuer.available = False
+    answer = client.get("/health")
+    assert (answer.status_code, answer.json) == (503, {"ok": False, "problems": {
+        "signing_keys": "DT's signing keys could not be fetched"}})

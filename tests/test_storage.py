@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from helpers import ROOT, SECRET, signed_delivery
+from helpers import ROOT, SECRET, database_name, own_role, signed_delivery
 from receiver import queries
 from receiver.sample import encode_body, sample_event
 from receiver.schema import migrate
@@ -35,11 +35,6 @@ PRUNE_BATCH_ROWS = 5000
 README_DEVICE = "emuc2f3h2lbr9a5ks2vncg0"
 CONNECTIONS = ("SELECT count(*) FROM pg_stat_activity "
                "WHERE application_name = 'dt-receiver' AND datname = %s")
-
-
-def database_name(database_url: str) -> str:
-    """Return the database a URL names."""
-    return psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
 
 
 def scalar(database_url: str, query: str, *params):
@@ -320,16 +315,6 @@ def test_prune_dry_run_reports_rows_and_bytes_and_deletes_nothing(make_app, data
     assert int(found[1]) == 3000
     assert 0.5 * old_share <= float(found[2]) * 1e6 <= 1.5 * old_share, f"estimate {found[2]} MB, share {old_share / 1e6:.1f} MB"
     assert scalar(database_url, "SELECT count(*) FROM dt_events") == 4000
-
-
-def own_role(postgres, database_url: str) -> str:
-    """Give the database to a new role that is not a superuser, as Heroku's is; return the URL that logs in as it."""
-    database = database_name(database_url)
-    role = f"owner_{database}"[:63]
-    with psycopg.connect(postgres.url(), autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
-        admin.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(database), sql.Identifier(role)))
-    return postgres.url(database).replace("postgres@", f"{role}@")
 
 
 def assert_full_database_answers(server, reason: str) -> None:
