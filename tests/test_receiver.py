@@ -158,13 +158,40 @@ def test_short_secret_is_accepted(make_app):
     assert client.post("/", data=body, headers=headers).status_code == 200
 
 
-def test_previous_secret_is_accepted_during_rotation(make_app):
-    """Tokens signed with the current or the previous secret pass; a third secret does not."""
-    previous = "previous-signature-secret-0123456789abcdef"
-    client = make_app(DT_SIGNATURE_SECRET_PREVIOUS=previous).test_client()
-    for secret, status in ((SECRET, 200), (previous, 200), ("a-third-secret-0123456789abcdef0123456789", 401)):
-        body, headers = signed_delivery(secret=secret)
-        assert client.post("/", data=body, headers=headers).status_code == status
+PREVIOUS_SECRET = "previous-signature-secret-0123456789abcdef"
+
+
+def test_previous_secret_is_accepted_during_rotation(make_app, log_lines):
+    """Tokens signed with the current or the previous secret pass and are logged; a third secret does not verify."""
+    client = make_app(DT_SIGNATURE_SECRET_PREVIOUS=PREVIOUS_SECRET).test_client()
+    answers = []
+    for secret in (SECRET, PREVIOUS_SECRET, "a-third-secret-0123456789abcdef0123456789"):
+        body, headers = signed_delivery(sample_event(event_id=f"rotation-{len(answers)}"), secret=secret)
+        answer = client.post("/", data=body, headers=headers)
+        answers.append((answer.status_code, answer.text))
+    assert answers == [(200, "logged\n"), (200, "logged\n"), (401, "signature does not verify\n")]
+    assert [(line["msg"], line.get("event_id") or line.get("reason")) for line in log_lines()] == [
+        ("event logged", "rotation-0"), ("event logged", "rotation-1"), ("request rejected", "signature does not verify")]
+
+
+ROTATION_FAULTS = [
+    # (case, claims changed in seconds from now or None to remove, reason): faults of a token a secret of the rotation signed
+    ("expired", {"iat": -7200, "exp": -3600}, "token has expired"),
+    ("issued in the future", {"iat": 600}, "token is not valid yet"),
+    ("no iat", {"iat": None}, "token lacks a required claim"),
+]
+
+
+@pytest.mark.parametrize("signer", [SECRET, PREVIOUS_SECRET], ids=["current secret", "previous secret"])
+@pytest.mark.parametrize("case, changes, reason", ROTATION_FAULTS, ids=[row[0] for row in ROTATION_FAULTS])
+def test_rotation_names_the_fault_of_a_token_either_secret_signed(make_app, log_lines, signer, case, changes, reason):
+    """During a rotation, a token signed with either secret but expired, early or lacking a claim is refused for that fault, not as a bad signature."""
+    client = make_app(DT_SIGNATURE_SECRET_PREVIOUS=PREVIOUS_SECRET).test_client()
+    now = int(time.time())
+    claims = claims_for(BODY, **{name: None if seconds is None else now + seconds for name, seconds in changes.items()})
+    answer = client.post("/", data=BODY, headers={"X-Dt-Signature": token_with(claims, secret=signer)})
+    assert (answer.status_code, answer.text) == (401, reason + "\n")
+    assert [(line["msg"], line["reason"]) for line in log_lines()] == [("request rejected", reason)]
 
 
 def test_a_path_other_than_the_root_says_where_to_point_the_connector(client, log_lines):

@@ -177,6 +177,7 @@ def test_sigterm_closes_every_database_connection(start_server, postgres, databa
     ("postgres://u:p@ec2-1-2-3-4.compute-1.amazonaws.com:5432/d1", "require"),  # Heroku's form: SSL required
     ("postgresql://u@db.example.com/d?sslmode=verify-full", "verify-full"),  # the URL's own choice wins
     ("postgresql://postgres@127.0.0.1:5432/test", None),  # this machine
+    ("postgresql://postgres@localhost:5432/test", None),  # this machine by name
     ("postgresql:///test?host=/var/run/postgresql", None),  # a socket directory
 ])
 def test_connection_options_require_ssl_off_this_machine(url, sslmode, monkeypatch):
@@ -188,6 +189,15 @@ def test_connection_options_require_ssl_off_this_machine(url, sslmode, monkeypat
     assert options["tcp_user_timeout"] == 5000 and options["keepalives_idle"] == 5
     monkeypatch.setenv("PGSSLMODE", "disable")
     assert connection_options(url).get("sslmode") == (None if sslmode == "require" else sslmode)
+
+
+def test_localhost_in_the_url_connects_without_ssl(make_app, database_url, monkeypatch):
+    """A DATABASE_URL naming localhost reaches a local server that has no SSL, and the event is stored."""
+    monkeypatch.delenv("PGSSLMODE", raising=False)
+    client = make_app(DATABASE_URL=database_url.replace("@127.0.0.1:", "@localhost:")).test_client()
+    answer = client.post("/", data=(delivery := signed_delivery(sample_event(event_id="via-localhost")))[0], headers=delivery[1])
+    assert (answer.status_code, answer.text) == (200, "stored\n")
+    assert [row["event_id"] for row in rows(database_url)] == ["via-localhost"]
 
 
 def test_slow_database_gives_503_inside_the_router_timeout(make_app, database_url, log_lines):
