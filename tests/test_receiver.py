@@ -6,6 +6,7 @@ import pytest
 
 from app import MAX_BODY_BYTES, create_app
 from helpers import SECRET, claims_for, signed_delivery, token_with
+from issuer import ORGANIZATION_ID
 from receiver.sample import encode_body, sample_event
 
 
@@ -68,6 +69,24 @@ def test_known_answer_token(client):
 
 BODY = encode_body(sample_event(event_id="evt-rejected"))
 
+
+def body_with(**event_fields) -> bytes:
+    """Return a sample body whose `event` has these fields changed."""
+    body = sample_event(event_id="evt-rejected")
+    body["event"].update(event_fields)
+    return encode_body(body)
+
+
+def body_whose_event_is(value) -> bytes:
+    """Return a sample body whose `event` is this value instead of an object."""
+    return encode_body({**sample_event(event_id="evt-rejected"), "event": value})
+
+
+def signed_only(body: bytes) -> tuple[dict, bytes]:
+    """Return the X-Dt-Signature header of a correct token for these bytes, and the bytes."""
+    return {"X-Dt-Signature": token_with(claims_for(body))}, body
+
+
 REJECTIONS = [
     # (case, headers, body, status, reason)
     ("missing header", {}, BODY, 401, "missing X-Dt-Signature header"),
@@ -102,6 +121,11 @@ REJECTIONS = [
     ("signed JSON array", {"X-Dt-Signature": token_with(claims_for(b"[1]"))}, b"[1]", 400, "body is not a DT event: no event.eventId"),
     ("eventId not a string", {"X-Dt-Signature": token_with(claims_for(b'{"event":{"eventId":7}}'))},
      b'{"event":{"eventId":7}}', 400, "body is not a DT event: no event.eventId"),
+    ("empty eventId", *signed_only(body_with(eventId="")), 400, "body is not a DT event: no event.eventId"),
+    ("event a list", *signed_only(body_whose_event_is([{"eventId": "e1"}])), 400, "body is not a DT event: no event.eventId"),
+    ("event a string", *signed_only(body_whose_event_is("e1")), 400, "body is not a DT event: no event.eventId"),
+    ("event null", *signed_only(body_whose_event_is(None)), 400, "body is not a DT event: no event.eventId"),
+    ("no iat", {"X-Dt-Signature": token_with(claims_for(BODY, iat=None))}, BODY, 401, "token lacks a required claim"),
 ]
 
 
@@ -115,6 +139,15 @@ def test_rejection(client, log_lines, case, headers, body, status, reason):
     logged = str(log_lines())
     assert SECRET not in logged
     assert all(value not in logged for value in headers.values() if value)
+
+
+def test_asymmetric_token_without_iat_is_refused(make_app, issuer, log_lines):
+    """A DT-Asymmetric-Signature token from DT's key with no `iat` is refused as lacking a claim, with one log line."""
+    client = make_app(DT_SIGNATURE_SECRET="", DT_ORGANIZATION_ID=ORGANIZATION_ID, DT_ISSUER=issuer.url).test_client()
+    answer = client.post("/", data=BODY, headers={"DT-Asymmetric-Signature": issuer.token(BODY, "k1", iat=None)})
+    assert (answer.status_code, answer.text) == (401, "token lacks a required claim\n")
+    rejected = [line for line in log_lines() if line["msg"] == "request rejected"]
+    assert [(line["status"], line["reason"]) for line in rejected] == [(401, "token lacks a required claim")]
 
 
 def test_body_over_the_limit_is_413(client, log_lines):
