@@ -265,14 +265,14 @@ def test_a_run_cut_short_is_completed_by_the_next(make_app, database_url):
         stand_in.close()
 
 
-SPOILERS = {
-    "a lone surrogate in the data": lambda event: event["data"]["temperature"].update(note="\ud800"),
-    "a NUL in the event id": lambda event: event.update(eventId=event["eventId"] + "\u0000"),
+SPOILERS = {  # how the event is spoiled, and what its stored text then holds in place of the odd character
+    "a lone surrogate in the data": (lambda event: event["data"]["temperature"].update(note="\ud800"), '"note":"\\ud800"'),
+    "a NUL in the event id": (lambda event: event.update(eventId=event["eventId"] + "\u0000"), '\\u0000","targetName"'),
 }
 
 
-@pytest.mark.parametrize("spoil", SPOILERS.values(), ids=SPOILERS.keys())
-def test_an_event_postgres_text_refuses_does_not_stop_the_run(make_app, database_url, dt_api, spoil):
+@pytest.mark.parametrize("spoil, escape", SPOILERS.values(), ids=SPOILERS.keys())
+def test_an_event_postgres_text_refuses_does_not_stop_the_run(make_app, database_url, dt_api, spoil, escape):
     """An event holding what PostgreSQL text refuses is kept under escaped text, as a pushed one is, and the run completes."""
     dt_api.add_device(PROJECT, "emuodd")
     events = [history_event(PROJECT, "emuodd", when=hours_ago(hours)) for hours in (1, 2, 3)]
@@ -280,7 +280,12 @@ def test_an_event_postgres_text_refuses_does_not_stop_the_run(make_app, database
     dt_api.add_events(PROJECT, "emuodd", events)
     app = make_app(DATABASE_URL=database_url, **dt_api.settings())
     assert tally(run(app, "backfill", "--since", "5h")) == (1, 3, 3, 0)
-    assert len(stored_ids(database_url)) == 3
+    stored = rows(database_url, "SELECT * FROM dt_events ORDER BY event_time DESC")
+    assert [row["event_id"] for row in stored] == [event["eventId"].replace("\u0000", "\\u0000") for event in events]
+    assert escape in stored[1]["event"]
+    for row, event in zip(stored, events):
+        assert json.loads(row["event"]) == {"event": event}  # the text's escapes read back as what DT sent
+        assert (row["device_id"], row["event_type"], row["source"]) == ("emuodd", "temperature", "history")
 
 
 # -- what to fix ---------------------------------------------------------------------------------------
