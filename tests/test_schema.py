@@ -9,7 +9,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from helpers import database_name, signed_delivery
-from receiver.sample import encode_body, sample_event
+from receiver.sample import sample_event
 from receiver.schema import VERSION, migrate
 
 # The table the first release made (schema version 1, before dt_schema existed), and its insert.
