@@ -15,6 +15,8 @@ import urllib.request
 from pathlib import Path
 
 import jwt
+import psycopg
+from psycopg import sql
 
 from receiver.sample import encode_body, sample_event, sign_body
 
@@ -56,6 +58,21 @@ def hand_made_hs256(header: dict, claims: dict, key: bytes) -> str:
 def base64url(part: bytes) -> str:
     """Return bytes as unpadded base64url, as JWTs write them."""
     return base64.urlsafe_b64encode(part).rstrip(b"=").decode()
+
+
+def database_name(database_url: str) -> str:
+    """Return the database a URL names."""
+    return psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
+
+
+def own_role(postgres, database_url: str) -> str:
+    """Give the database to a new role that is not a superuser, as Heroku's is; return the URL that logs in as it."""
+    database = database_name(database_url)
+    role = f"owner_{database}"[:63]
+    with psycopg.connect(postgres.url(), autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        admin.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(database), sql.Identifier(role)))
+    return postgres.url(database).replace("postgres@", f"{role}@")
 
 
 class FakeClock:

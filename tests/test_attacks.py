@@ -1,5 +1,6 @@
 """Known attacks on a webhook endpoint, each its own test, through the test client and the real server."""
 
+import http.client
 import socket
 import threading
 import time
@@ -10,6 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import HMACAlgorithm
 
+from app import MAX_BODY_BYTES
 from helpers import SECRET, claims_for, hand_made_hs256, signed_delivery, token_with
 from receiver.errors import SignatureError
 from receiver.sample import encode_body, sample_event, sign_body
@@ -70,7 +72,7 @@ def test_checksum_claims_of_other_types(client, value):
 
 def test_sha1_valid_sha256_wrong(client):
     """A right `checksum` does not excuse a wrong `checksum_sha256`."""
-    assert post(client, BODY, token_with(claims_for(BODY, checksum_sha256="f" * 64)))[0] == 401
+    assert post(client, BODY, token_with(claims_for(BODY, checksum_sha256="f" * 64))) == (401, "body does not match the token's checksum_sha256")
 
 
 def test_sha256_valid_sha1_wrong(client):
@@ -98,8 +100,7 @@ def test_json_a_thousand_levels_deep(client):
     """Deeply nested signed JSON is a 400, not a RecursionError."""
     for depth in (1000, 20_000):  # 20,000 levels: past any recursion limit, inside the size limit
         body = b'{"event":' * depth + b"{}" + b"}" * depth
-        status, _ = post(client, body, sign_body(body, SECRET))
-        assert status == 400
+        assert post(client, body, sign_body(body, SECRET)) == (400, "body is nested too deeply")
 
 
 def test_body_with_a_utf8_bom(client):
@@ -108,11 +109,13 @@ def test_body_with_a_utf8_bom(client):
     assert post(client, body, sign_body(body, SECRET)) == (400, "body is not UTF-8 JSON")
 
 
-def raw_exchange(server, request: bytes, pause: float = 0) -> str:
-    """Send raw bytes to the server and return the status line of its answer."""
+def raw_exchange(server, request: bytes) -> tuple[int, str]:
+    """Send raw bytes to the server and return the status and text of its answer."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as connection:
         connection.sendall(request)
-        return connection.makefile("rb").readline().decode("latin-1").strip()
+        answer = http.client.HTTPResponse(connection)
+        answer.begin()
+        return answer.status, answer.read().decode(errors="replace").strip()
 
 
 @pytest.fixture
@@ -124,7 +127,7 @@ def server(start_server):
 def test_ten_megabyte_body(server):
     """A 10 MB body is refused with 413 on its Content-Length, before the server waits for it."""
     head = b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\nX-Dt-Signature: x\r\n\r\n" % (10 * 1024 * 1024)
-    assert raw_exchange(server, head + b"x" * 65536).startswith("HTTP/1.1 413")
+    assert raw_exchange(server, head + b"x" * 65536) == (413, f"body is larger than {MAX_BODY_BYTES} bytes")
 
 
 def test_chunked_body_over_the_limit(server):
@@ -132,7 +135,7 @@ def test_chunked_body_over_the_limit(server):
     chunk = b"x" * 65536
     chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(20)) + b"0\r\n\r\n"
     head = b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\nX-Dt-Signature: x\r\n\r\n"
-    assert raw_exchange(server, head + chunks).startswith("HTTP/1.1 413")
+    assert raw_exchange(server, head + chunks) == (413, f"body is larger than {MAX_BODY_BYTES} bytes")
 
 
 def test_chunked_body_without_length_is_accepted(server):
@@ -141,19 +144,19 @@ def test_chunked_body_without_length_is_accepted(server):
     head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:100], body[100:])) + b"0\r\n\r\n"
     request = f"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n{head}\r\n".encode() + chunks
-    assert raw_exchange(server, request) == "HTTP/1.1 200 OK"
+    assert raw_exchange(server, request) == (200, "logged")
 
 
 def test_hundred_kilobyte_header(server):
     """A 100 KB header is refused by the server with a 4xx."""
     request = b"POST / HTTP/1.1\r\nHost: t\r\nX-Dt-Signature: " + b"a" * 100_000 + b"\r\nContent-Length: 0\r\n\r\n"
-    assert raw_exchange(server, request).startswith("HTTP/1.1 4")
+    assert 400 <= raw_exchange(server, request)[0] < 500
 
 
 def test_many_headers(server):
     """A thousand headers are refused by the server with a 4xx."""
     headers = b"".join(b"X-Junk-%d: %d\r\n" % (n, n) for n in range(1000))
-    assert raw_exchange(server, b"POST / HTTP/1.1\r\nHost: t\r\n" + headers + b"Content-Length: 0\r\n\r\n").startswith("HTTP/1.1 4")
+    assert 400 <= raw_exchange(server, b"POST / HTTP/1.1\r\nHost: t\r\n" + headers + b"Content-Length: 0\r\n\r\n")[0] < 500
 
 
 def test_slow_client_does_not_stop_others(server):

@@ -12,8 +12,10 @@ import pytest
 from psycopg.rows import dict_row
 
 from dt_api import PROJECT, DTApi, history_event, hours_ago
-from helpers import SECRET, free_port, signed_delivery
+from helpers import SECRET, free_port, own_role, signed_delivery
+from issuer import ORGANIZATION_ID
 from receiver.sample import encode_body, sample_event
+from receiver.schema import migrate
 
 SUMMARY = re.compile(r"backfill: (\d+) devices, (\d+) events fetched, (\d+) new, (\d+) already stored, \d+\.\d s")
 BENCHMARK_EVENTS = 100_000
@@ -263,14 +265,14 @@ def test_a_run_cut_short_is_completed_by_the_next(make_app, database_url):
         stand_in.close()
 
 
-SPOILERS = {
-    "a lone surrogate in the data": lambda event: event["data"]["temperature"].update(note="\ud800"),
-    "a NUL in the event id": lambda event: event.update(eventId=event["eventId"] + "\u0000"),
+SPOILERS = {  # how the event is spoiled, and what its stored text then holds in place of the odd character
+    "a lone surrogate in the data": (lambda event: event["data"]["temperature"].update(note="\ud800"), '"note":"\\ud800"'),
+    "a NUL in the event id": (lambda event: event.update(eventId=event["eventId"] + "\u0000"), '\\u0000","targetName"'),
 }
 
 
-@pytest.mark.parametrize("spoil", SPOILERS.values(), ids=SPOILERS.keys())
-def test_an_event_postgres_text_refuses_does_not_stop_the_run(make_app, database_url, dt_api, spoil):
+@pytest.mark.parametrize("spoil, escape", SPOILERS.values(), ids=SPOILERS.keys())
+def test_an_event_postgres_text_refuses_does_not_stop_the_run(make_app, database_url, dt_api, spoil, escape):
     """An event holding what PostgreSQL text refuses is kept under escaped text, as a pushed one is, and the run completes."""
     dt_api.add_device(PROJECT, "emuodd")
     events = [history_event(PROJECT, "emuodd", when=hours_ago(hours)) for hours in (1, 2, 3)]
@@ -278,7 +280,12 @@ def test_an_event_postgres_text_refuses_does_not_stop_the_run(make_app, database
     dt_api.add_events(PROJECT, "emuodd", events)
     app = make_app(DATABASE_URL=database_url, **dt_api.settings())
     assert tally(run(app, "backfill", "--since", "5h")) == (1, 3, 3, 0)
-    assert len(stored_ids(database_url)) == 3
+    stored = rows(database_url, "SELECT * FROM dt_events ORDER BY event_time DESC")
+    assert [row["event_id"] for row in stored] == [event["eventId"].replace("\u0000", "\\u0000") for event in events]
+    assert escape in stored[1]["event"]
+    for row, event in zip(stored, events):
+        assert json.loads(row["event"]) == {"event": event}  # the text's escapes read back as what DT sent
+        assert (row["device_id"], row["event_type"], row["source"]) == ("emuodd", "temperature", "history")
 
 
 # -- what to fix ---------------------------------------------------------------------------------------
@@ -580,3 +587,23 @@ def test_health_does_not_name_the_configured_database(make_app, postgres):
     answer = client.get("/health")
     assert answer.status_code == 503 and answer.json["problems"]["database"].startswith("database unavailable")
     assert "d8c5privatename" not in answer.text
+
+
+def test_health_is_503_when_the_database_refuses_inserts(make_app, postgres, database_url):
+    """With INSERT revoked, as Heroku does when a plan is full, /health is 503 naming the refusal, though the database answers."""
+    owner_url = own_role(postgres, database_url)
+    with psycopg.connect(owner_url, autocommit=True) as owner:
+        migrate(owner)  # the table belongs to the receiver's own role, as on Heroku
+        owner.execute("REVOKE INSERT ON dt_events FROM CURRENT_USER")
+    answer = make_app(DATABASE_URL=owner_url).test_client().get("/health")
+    assert (answer.status_code, answer.json) == (503, {"ok": False, "problems": {
+        "database": "database refuses new events: permission denied (is the plan full?)"}})
+
+
+def test_health_is_503_when_dts_signing_keys_cannot_be_fetched(make_app, issuer):
+    """Verifying DT-Asymmetric-Signature with DT's key endpoint down and no key held, /health is 503 naming the signing keys."""
+    client = make_app(DT_SIGNATURE_SECRET="", DT_ORGANIZATION_ID=ORGANIZATION_ID, DT_ISSUER=issuer.url).test_client()
+    issuer.available = False
+    answer = client.get("/health")
+    assert (answer.status_code, answer.json) == (503, {"ok": False, "problems": {
+        "signing_keys": "DT's signing keys could not be fetched"}})

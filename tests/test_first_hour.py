@@ -261,6 +261,23 @@ def test_failing_handler_gets_503_and_its_retry_200(make_app, database_url, monk
 
 
 @pytest.mark.parametrize("with_database", [False, True], ids=["log only", "with database"])
+def test_delivery_whose_handler_fails_writes_no_event_line(make_app, request, monkeypatch, log_lines, with_database):
+    """A delivery answered 503 because the handler raised logs the failure and the rejection, never `event logged` or `event stored`."""
+
+    def fails(event):
+        raise RuntimeError("forwarding failed")
+
+    monkeypatch.setattr(on_event, "on_event", fails)
+    settings = {"DATABASE_URL": request.getfixturevalue("database_url")} if with_database else {}
+    client = make_app(**settings).test_client()
+    answer = client.post("/", data=(delivery := signed_delivery(sample_event(event_id="unhandled-1")))[0], headers=delivery[1])
+    assert (answer.status_code, answer.text) == (503, "event handler failed: RuntimeError\n")
+    lines = [line for line in log_lines() if line["msg"] != "database ready"]
+    assert [(line["msg"], line.get("event_id")) for line in lines] == [("event handler failed", "unhandled-1"),
+                                                                       ("request rejected", None)]
+
+
+@pytest.mark.parametrize("with_database", [False, True], ids=["log only", "with database"])
 def test_handler_sees_each_verified_delivery_once_and_no_rejected_one(make_app, request, monkeypatch, with_database):
     """The handler gets each verified delivery's event once (a redelivery too) and never a rejected delivery."""
     seen = []

@@ -7,6 +7,7 @@ import pytest
 from receiver import create_app
 from receiver.webhook import MAX_BODY_BYTES
 from helpers import SECRET, claims_for, signed_delivery, token_with
+from issuer import ORGANIZATION_ID
 from receiver.sample import encode_body, sample_event
 
 
@@ -69,6 +70,24 @@ def test_known_answer_token(client):
 
 BODY = encode_body(sample_event(event_id="evt-rejected"))
 
+
+def body_with(**event_fields) -> bytes:
+    """Return a sample body whose `event` has these fields changed."""
+    body = sample_event(event_id="evt-rejected")
+    body["event"].update(event_fields)
+    return encode_body(body)
+
+
+def body_whose_event_is(value) -> bytes:
+    """Return a sample body whose `event` is this value instead of an object."""
+    return encode_body({**sample_event(event_id="evt-rejected"), "event": value})
+
+
+def signed_only(body: bytes) -> tuple[dict, bytes]:
+    """Return the X-Dt-Signature header of a correct token for these bytes, and the bytes."""
+    return {"X-Dt-Signature": token_with(claims_for(body))}, body
+
+
 REJECTIONS = [
     # (case, headers, body, status, reason)
     ("missing header", {}, BODY, 401, "missing X-Dt-Signature header"),
@@ -103,6 +122,11 @@ REJECTIONS = [
     ("signed JSON array", {"X-Dt-Signature": token_with(claims_for(b"[1]"))}, b"[1]", 400, "body is not a DT event: no event.eventId"),
     ("eventId not a string", {"X-Dt-Signature": token_with(claims_for(b'{"event":{"eventId":7}}'))},
      b'{"event":{"eventId":7}}', 400, "body is not a DT event: no event.eventId"),
+    ("empty eventId", *signed_only(body_with(eventId="")), 400, "body is not a DT event: no event.eventId"),
+    ("event a list", *signed_only(body_whose_event_is([{"eventId": "e1"}])), 400, "body is not a DT event: no event.eventId"),
+    ("event a string", *signed_only(body_whose_event_is("e1")), 400, "body is not a DT event: no event.eventId"),
+    ("event null", *signed_only(body_whose_event_is(None)), 400, "body is not a DT event: no event.eventId"),
+    ("no iat", {"X-Dt-Signature": token_with(claims_for(BODY, iat=None))}, BODY, 401, "token lacks a required claim"),
 ]
 
 
@@ -116,6 +140,15 @@ def test_rejection(client, log_lines, case, headers, body, status, reason):
     logged = str(log_lines())
     assert SECRET not in logged
     assert all(value not in logged for value in headers.values() if value)
+
+
+def test_asymmetric_token_without_iat_is_refused(make_app, issuer, log_lines):
+    """A DT-Asymmetric-Signature token from DT's key with no `iat` is refused as lacking a claim, with one log line."""
+    client = make_app(DT_SIGNATURE_SECRET="", DT_ORGANIZATION_ID=ORGANIZATION_ID, DT_ISSUER=issuer.url).test_client()
+    answer = client.post("/", data=BODY, headers={"DT-Asymmetric-Signature": issuer.token(BODY, "k1", iat=None)})
+    assert (answer.status_code, answer.text) == (401, "token lacks a required claim\n")
+    rejected = [line for line in log_lines() if line["msg"] == "request rejected"]
+    assert [(line["status"], line["reason"]) for line in rejected] == [(401, "token lacks a required claim")]
 
 
 def test_body_over_the_limit_is_413(client, log_lines):
@@ -159,13 +192,40 @@ def test_short_secret_is_accepted(make_app):
     assert client.post("/", data=body, headers=headers).status_code == 200
 
 
-def test_previous_secret_is_accepted_during_rotation(make_app):
-    """Tokens signed with the current or the previous secret pass; a third secret does not."""
-    previous = "previous-signature-secret-0123456789abcdef"
-    client = make_app(DT_SIGNATURE_SECRET_PREVIOUS=previous).test_client()
-    for secret, status in ((SECRET, 200), (previous, 200), ("a-third-secret-0123456789abcdef0123456789", 401)):
-        body, headers = signed_delivery(secret=secret)
-        assert client.post("/", data=body, headers=headers).status_code == status
+PREVIOUS_SECRET = "previous-signature-secret-0123456789abcdef"
+
+
+def test_previous_secret_is_accepted_during_rotation(make_app, log_lines):
+    """Tokens signed with the current or the previous secret pass and are logged; a third secret does not verify."""
+    client = make_app(DT_SIGNATURE_SECRET_PREVIOUS=PREVIOUS_SECRET).test_client()
+    answers = []
+    for secret in (SECRET, PREVIOUS_SECRET, "a-third-secret-0123456789abcdef0123456789"):
+        body, headers = signed_delivery(sample_event(event_id=f"rotation-{len(answers)}"), secret=secret)
+        answer = client.post("/", data=body, headers=headers)
+        answers.append((answer.status_code, answer.text))
+    assert answers == [(200, "logged\n"), (200, "logged\n"), (401, "signature does not verify\n")]
+    assert [(line["msg"], line.get("event_id") or line.get("reason")) for line in log_lines()] == [
+        ("event logged", "rotation-0"), ("event logged", "rotation-1"), ("request rejected", "signature does not verify")]
+
+
+ROTATION_FAULTS = [
+    # (case, claims changed in seconds from now or None to remove, reason): faults of a token a secret of the rotation signed
+    ("expired", {"iat": -7200, "exp": -3600}, "token has expired"),
+    ("issued in the future", {"iat": 600}, "token is not valid yet"),
+    ("no iat", {"iat": None}, "token lacks a required claim"),
+]
+
+
+@pytest.mark.parametrize("signer", [SECRET, PREVIOUS_SECRET], ids=["current secret", "previous secret"])
+@pytest.mark.parametrize("case, changes, reason", ROTATION_FAULTS, ids=[row[0] for row in ROTATION_FAULTS])
+def test_rotation_names_the_fault_of_a_token_either_secret_signed(make_app, log_lines, signer, case, changes, reason):
+    """During a rotation, a token signed with either secret but expired, early or lacking a claim is refused for that fault, not as a bad signature."""
+    client = make_app(DT_SIGNATURE_SECRET_PREVIOUS=PREVIOUS_SECRET).test_client()
+    now = int(time.time())
+    claims = claims_for(BODY, **{name: None if seconds is None else now + seconds for name, seconds in changes.items()})
+    answer = client.post("/", data=BODY, headers={"X-Dt-Signature": token_with(claims, secret=signer)})
+    assert (answer.status_code, answer.text) == (401, reason + "\n")
+    assert [(line["msg"], line["reason"]) for line in log_lines()] == [("request rejected", reason)]
 
 
 def test_a_path_other_than_the_root_says_where_to_point_the_connector(client, log_lines):

@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from helpers import ROOT, SECRET, signed_delivery
+from helpers import ROOT, SECRET, database_name, own_role, signed_delivery
 from receiver import queries
 from receiver.sample import encode_body, sample_event
 from receiver.schema import migrate
@@ -35,11 +35,6 @@ PRUNE_BATCH_ROWS = 5000
 README_DEVICE = "emuc2f3h2lbr9a5ks2vncg0"
 CONNECTIONS = ("SELECT count(*) FROM pg_stat_activity "
                "WHERE application_name = 'dt-receiver' AND datname = %s")
-
-
-def database_name(database_url: str) -> str:
-    """Return the database a URL names."""
-    return psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
 
 
 def scalar(database_url: str, query: str, *params):
@@ -304,6 +299,27 @@ def test_prune_deletes_in_short_batches_while_deliveries_continue(start_server, 
     assert meanwhile >= 20, f"only {meanwhile} deliveries were stored between the first and the last delete"
 
 
+def test_prune_keeps_an_event_at_the_cutoff_exactly(make_app, database_url):
+    """`prune --older-than` with an RFC 3339 time deletes the events before it and keeps the one at that very microsecond."""
+    cutoff = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    body = encode_body(sample_event()).decode()
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        migrate(connection)
+        for event_id, event_time in (("before", cutoff - timedelta(microseconds=1)), ("at", cutoff),
+                                     ("after", cutoff + timedelta(microseconds=1))):
+            connection.execute("INSERT INTO dt_events (event_id, event_time, event) VALUES (%s, %s, %s)",
+                               (event_id, event_time, body))
+    runner = make_app(DATABASE_URL=database_url).test_cli_runner()
+    dry_run = runner.invoke(args=["prune", "--older-than", "2026-01-01T00:00:00Z", "--dry-run"])
+    assert dry_run.output.startswith("prune: would delete 1 events from before 2026-01-01 00:00 UTC"), dry_run.output
+    result = runner.invoke(args=["prune", "--older-than", "2026-01-01T00:00:00Z"])
+    assert (result.exit_code, result.stdout) == (
+        0, "prune: deleted 1 events from before 2026-01-01 00:00 UTC; PostgreSQL reuses the space for new events\n")
+    with psycopg.connect(database_url) as connection:
+        kept = [event_id for event_id, in connection.execute("SELECT event_id FROM dt_events ORDER BY event_time")]
+    assert kept == ["at", "after"]
+
+
 def test_prune_dry_run_reports_rows_and_bytes_and_deletes_nothing(make_app, database_url):
     """`prune --dry-run` names the old rows and about the bytes they take, and deletes nothing."""
     with psycopg.connect(database_url, autocommit=True) as connection:
@@ -320,16 +336,6 @@ def test_prune_dry_run_reports_rows_and_bytes_and_deletes_nothing(make_app, data
     assert int(found[1]) == 3000
     assert 0.5 * old_share <= float(found[2]) * 1e6 <= 1.5 * old_share, f"estimate {found[2]} MB, share {old_share / 1e6:.1f} MB"
     assert scalar(database_url, "SELECT count(*) FROM dt_events") == 4000
-
-
-def own_role(postgres, database_url: str) -> str:
-    """Give the database to a new role that is not a superuser, as Heroku's is; return the URL that logs in as it."""
-    database = database_name(database_url)
-    role = f"owner_{database}"[:63]
-    with psycopg.connect(postgres.url(), autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
-        admin.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(database), sql.Identifier(role)))
-    return postgres.url(database).replace("postgres@", f"{role}@")
 
 
 def assert_full_database_answers(server, reason: str) -> None:
