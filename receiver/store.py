@@ -50,7 +50,7 @@ class EventStore:
         self._ready = threading.Event()  # set once the table is at the latest schema
         self._attempted = threading.Event()  # set once the first try to reach the database has ended
         self._closed = threading.Event()
-        self.last_fault = "not connected yet"
+        self.last_fault = "its first check has not finished"
         self._reporting = threading.Lock()
 
     def start(self) -> None:

@@ -9,13 +9,13 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from helpers import SECRET, claims_for, hand_made_hs256, signed_delivery, token_with
 from jwt.algorithms import HMACAlgorithm
 
-from app import MAX_BODY_BYTES
-from helpers import SECRET, claims_for, hand_made_hs256, signed_delivery, token_with
 from receiver.errors import SignatureError
 from receiver.sample import encode_body, sample_event, sign_body
 from receiver.signatures import secret_problem, verify_secret_token
+from receiver.webhook import MAX_BODY_BYTES
 
 BODY = encode_body(sample_event(event_id="attack-1"))
 
