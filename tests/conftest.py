@@ -11,11 +11,11 @@ import psycopg
 import pytest
 from hypothesis import settings
 from psycopg import sql
-
-from helpers import SECRET, Server
-from dt_api import PROJECT, DTApi
-from issuer import Issuer
-from postgres import PostgresServer, server_programs
+from support.dt_api import PROJECT, DTApi
+from support.issuer import Issuer
+from support.postgres import PostgresServer, server_programs
+from support.server import Server
+from support.signing import SECRET
 
 DATABASE_NUMBERS = itertools.count()
 

@@ -6,9 +6,10 @@ import json
 import time
 
 import pytest
+from support.issuer import ORGANIZATION_ID, FakeClock
+from support.server import deliver
+from support.signing import SECRET, base64url, claims_for, hand_made_hs256, signed_delivery, token_with
 
-from helpers import SECRET, FakeClock, base64url, claims_for, hand_made_hs256, signed_delivery, token_with
-from issuer import ORGANIZATION_ID
 from receiver.errors import SignatureError, UnavailableError
 from receiver.keys import SigningKeys
 from receiver.sample import encode_body, sample_event
@@ -25,8 +26,8 @@ def asymmetric_client(make_app, issuer):
 
 def post_asymmetric(client, token, body=BODY):
     """POST a body with a DT-Asymmetric-Signature header; return status and text."""
-    answer = client.post("/", data=body, headers={"DT-Asymmetric-Signature": token})
-    return answer.status_code, answer.text.strip()
+    status, text = deliver(client, body, {"DT-Asymmetric-Signature": token})
+    return status, text.strip()
 
 
 def test_valid_asymmetric_token_is_accepted(asymmetric_client, issuer, log_lines):

@@ -9,8 +9,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from helpers import SECRET, claims_for, hand_made_hs256, signed_delivery, token_with
 from jwt.algorithms import HMACAlgorithm
+from support.server import deliver
+from support.signing import SECRET, claims_for, hand_made_hs256, signed_delivery, token_with
 
 from receiver.errors import SignatureError
 from receiver.sample import encode_body, sample_event, sign_body
@@ -22,8 +23,8 @@ BODY = encode_body(sample_event(event_id="attack-1"))
 
 def post(client, body: bytes, token: str) -> tuple[int, str]:
     """POST a body with an X-Dt-Signature; return the status and reason."""
-    answer = client.post("/", data=body, headers={"X-Dt-Signature": token})
-    return answer.status_code, answer.text.strip()
+    status, text = deliver(client, body, {"X-Dt-Signature": token})
+    return status, text.strip()
 
 
 def test_alg_none(client):

@@ -10,10 +10,12 @@ from urllib.parse import parse_qs, urlsplit
 import psycopg
 import pytest
 from psycopg.rows import dict_row
+from support.dt_api import PROJECT, DTApi, history_event, hours_ago
+from support.issuer import ORGANIZATION_ID
+from support.postgres import own_role
+from support.server import free_port
+from support.signing import SECRET, signed_delivery
 
-from dt_api import PROJECT, DTApi, history_event, hours_ago
-from helpers import SECRET, free_port, own_role, signed_delivery
-from issuer import ORGANIZATION_ID
 from receiver.sample import encode_body, sample_event
 from receiver.schema import migrate
 

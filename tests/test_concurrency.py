@@ -6,9 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
+from support.issuer import ORGANIZATION_ID
+from support.signing import SECRET, signed_delivery
 
-from helpers import SECRET, signed_delivery
-from issuer import ORGANIZATION_ID
 from receiver.keys import RETRY_SECONDS
 from receiver.sample import encode_body, sample_event
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
-from blackhole import Blackhole
-from helpers import SECRET, FakeClock, signed_delivery
-from issuer import ORGANIZATION_ID
+from support.blackhole import Blackhole
+from support.issuer import ORGANIZATION_ID, FakeClock
+from support.signing import SECRET, signed_delivery
 
 from receiver.keys import SigningKeys
 from receiver.sample import encode_body, sample_event

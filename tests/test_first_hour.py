@@ -14,8 +14,9 @@ from datetime import datetime, timedelta, timezone
 
 import psycopg
 import pytest
+from support.server import ROOT, Server, free_port, procfile_command
+from support.signing import SECRET, signed_delivery
 
-from helpers import ROOT, SECRET, Server, free_port, procfile_command, signed_delivery
 from receiver import on_event
 from receiver.sample import sample_event, sign_body
 

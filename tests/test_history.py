@@ -6,11 +6,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from disruptive import errors as dterrors
+from support.dt_api import PROJECT, DTApi, history_event, hours_ago
 
-from dt_api import PROJECT, DTApi, history_event, hours_ago
 from receiver import rest_api
 from receiver.rest_api import ApiError
-
 
 
 @pytest.fixture

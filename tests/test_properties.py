@@ -8,9 +8,10 @@ import jwt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.server import Server
+from support.signing import SECRET, claims_for, token_with
 
 from receiver import create_app
-from helpers import SECRET, Server, claims_for, token_with
 from receiver.sample import encode_body, sign_body
 
 OTHER_SECRET = "an-attackers-guess-at-the-secret-0123456789"

@@ -3,12 +3,12 @@
 import time
 
 import pytest
+from support.issuer import ORGANIZATION_ID
+from support.signing import SECRET, claims_for, signed_delivery, token_with
 
 from receiver import create_app
-from receiver.webhook import MAX_BODY_BYTES
-from helpers import SECRET, claims_for, signed_delivery, token_with
-from issuer import ORGANIZATION_ID
 from receiver.sample import encode_body, sample_event
+from receiver.webhook import MAX_BODY_BYTES
 
 
 def test_signed_event_is_accepted_and_logged(client, log_lines):

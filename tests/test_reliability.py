@@ -10,8 +10,8 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
+from support.signing import SECRET, signed_delivery
 
-from helpers import SECRET, signed_delivery
 from receiver.sample import sample_event
 
 EVENTS = 1000  # enough for every kind of disruption to land while events are in flight

@@ -7,8 +7,10 @@ from datetime import datetime, timezone
 
 import psycopg
 from psycopg.rows import dict_row
+from support.postgres import database_name
+from support.server import deliver
+from support.signing import signed_delivery
 
-from helpers import database_name, signed_delivery
 from receiver.sample import sample_event
 from receiver.schema import VERSION, migrate, schema_version
 from receiver.store import PREPARE_RETRY_SECONDS
@@ -76,11 +78,11 @@ def table_shape(connection: psycopg.Connection, schema: str) -> tuple[set, set]:
     return set(columns), set(indexes)
 
 
-def deliver(client, body: dict) -> tuple[int, str, float]:
+def timed_delivery(client, body: dict) -> tuple[int, str, float]:
     """Deliver a signed event through the test client; return the status, the reason and how long the answer took."""
     started = time.monotonic()
-    answer = client.post("/", data=(delivery := signed_delivery(body))[0], headers=delivery[1])
-    return answer.status_code, answer.text.strip(), time.monotonic() - started
+    status, text = deliver(client, *signed_delivery(body))
+    return status, text.strip(), time.monotonic() - started
 
 
 def receiver_backends(database_url: str, waiting: bool) -> int:
@@ -110,8 +112,8 @@ def test_first_release_table_is_upgraded_keeping_every_row_and_then_stores(make_
     bodies = version_1_database(database_url)
     client = make_app(DATABASE_URL=database_url).test_client()
 
-    assert deliver(client, sample_event(event_id="after-upgrade"))[:2] == (200, "stored")
-    assert deliver(client, bodies["v1-0"])[:2] == (200, "duplicate")  # the primary key still holds
+    assert timed_delivery(client, sample_event(event_id="after-upgrade"))[:2] == (200, "stored")
+    assert timed_delivery(client, bodies["v1-0"])[:2] == (200, "duplicate")  # the primary key still holds
 
     assert rows(database_url, "SELECT version FROM dt_schema") == [{"version": VERSION}]
     stored = {row["event_id"]: row for row in rows(database_url)}
@@ -142,7 +144,7 @@ def test_upgrade_behind_a_long_transaction_gives_way_and_completes_once_it_ends(
         app.extensions["receiver"].store.start()  # as a new release's worker does
         wait_for(lambda: receiver_backends(database_url, waiting=True) == 1, 5, "the upgrade's wait for the table")
         delivering = threading.Thread(target=lambda: answers.append(
-            deliver(app.test_client(), sample_event(event_id="during-upgrade"))))
+            timed_delivery(app.test_client(), sample_event(event_id="during-upgrade"))))
         delivering.start()
         for n in range(10):  # the old release goes on storing what DT delivers to its dynos, for 2.5 s
             started = time.monotonic()
@@ -161,7 +163,7 @@ def test_upgrade_behind_a_long_transaction_gives_way_and_completes_once_it_ends(
     # The upgrade's next try comes within PREPARE_RETRY_SECONDS; until then deliveries hear 503 at once and DT retries.
     wait_for(lambda: version_of(database_url) == VERSION, PREPARE_RETRY_SECONDS + 3,
              "the upgrade once the long transaction ended")
-    assert deliver(app.test_client(), sample_event(event_id="after-upgrade"))[:2] == (200, "stored")
+    assert timed_delivery(app.test_client(), sample_event(event_id="after-upgrade"))[:2] == (200, "stored")
     assert len(rows(database_url)) == 3 + 10 + (status == 200) + 1
     causes = {line["cause"] for line in log_lines() if line["msg"] == "database not ready"}
     assert causes == {"timeout"}, causes
@@ -177,7 +179,7 @@ def test_workers_upgrading_at_once_migrate_once_without_an_error(make_app, datab
         for app in apps:
             app.extensions["receiver"].store.start()
         wait_for(lambda: receiver_backends(database_url, waiting=True) == 3, 1.5, "every worker's upgrade")
-    answers = [deliver(app.test_client(), sample_event(event_id=f"worker-{n}"))[:2] for n, app in enumerate(apps)]
+    answers = [timed_delivery(app.test_client(), sample_event(event_id=f"worker-{n}"))[:2] for n, app in enumerate(apps)]
 
     assert answers == [(200, "stored")] * 3
     assert rows(database_url, "SELECT version FROM dt_schema") == [{"version": VERSION}]

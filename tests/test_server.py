@@ -10,9 +10,10 @@ import urllib.request
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from support.issuer import ORGANIZATION_ID
+from support.server import ROOT, Server, free_port, procfile_command
+from support.signing import SECRET, signed_delivery
 
-from helpers import ROOT, SECRET, Server, free_port, procfile_command, signed_delivery
-from issuer import ORGANIZATION_ID
 from receiver.sample import sample_event
 
 

@@ -20,8 +20,10 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg import sql
+from support.postgres import database_name, own_role
+from support.server import ROOT
+from support.signing import SECRET, signed_delivery
 
-from helpers import ROOT, SECRET, database_name, own_role, signed_delivery
 from receiver import queries
 from receiver.sample import encode_body, sample_event
 from receiver.schema import migrate

@@ -10,8 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
+from support.server import ROOT
+from support.signing import SECRET, signed_delivery
 
-from helpers import ROOT, SECRET, signed_delivery
 from receiver.sample import encode_body, sample_event, sign_body
 from receiver.store import connection_options
 

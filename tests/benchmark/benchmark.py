@@ -47,8 +47,10 @@ from pathlib import Path
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from helpers import ROOT, SECRET, Server  # noqa: E402
-from postgres import PostgresServer, server_programs  # noqa: E402
+from support.postgres import PostgresServer, server_programs  # noqa: E402
+from support.server import ROOT, Server  # noqa: E402
+from support.signing import SECRET  # noqa: E402
+
 from receiver.sample import encode_body, sample_event, sign_body  # noqa: E402
 
 os.environ.setdefault("DT_SIGNATURE_SECRET", SECRET)  # app.py builds its app from the environment on import

@@ -21,15 +21,17 @@ import jwt
 from werkzeug.test import EnvironBuilder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from helpers import SECRET  # noqa: E402
+from support.signing import SECRET  # noqa: E402
+
 from receiver import signatures  # noqa: E402
 from receiver.sample import sign_body  # noqa: E402
 
 os.environ["DT_SIGNATURE_SECRET"] = SECRET  # app.py builds its app from the environment on import
 sys.stdout = open(os.devnull, "w")  # the log lines' stream, set before app.py configures logging
-import app as receiver  # noqa: E402
 import ceiling  # noqa: E402
 from benchmark import body_of_size  # noqa: E402
+
+import app as receiver  # noqa: E402
 
 STEPS = {  # row of the table -> (module, name) of the function that does it
     "pyjwt's HS256 decode, with every check it makes": (jwt, "decode"),

@@ -1,8 +1,5 @@
-"""Signing and server helpers shared by the tests."""
+"""The Procfile's web command run for real on a loopback port, and the one way tests post a delivery."""
 
-import base64
-import hashlib
-import hmac
 import json
 import os
 import signal
@@ -14,75 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import jwt
-import psycopg
-from psycopg import sql
-
-from receiver.sample import encode_body, sample_event, sign_body
-
-ROOT = Path(__file__).resolve().parent.parent
-SECRET = "test-signature-secret-0123456789abcdef"
-
-
-def signed_delivery(event: dict | None = None, secret: str = SECRET, now: float | None = None) -> tuple[bytes, dict]:
-    """Return a realistic body and the headers DT would send with it."""
-    body = encode_body(event or sample_event())
-    return body, {"Content-Type": "application/json", "X-Dt-Signature": sign_body(body, secret, now)}
-
-
-def claims_for(body: bytes, **changes) -> dict:
-    """Return the claims DT would sign for a body, with some changed (None removes one)."""
-    now = int(time.time())
-    claims = {
-        "checksum": hashlib.sha1(body).hexdigest(),
-        "checksum_sha256": hashlib.sha256(body).hexdigest(),
-        "iat": now,
-        "exp": now + 3600,
-        "jti": "f0e1d2c3",
-    }
-    claims.update(changes)
-    return {name: value for name, value in claims.items() if value is not None}
-
-
-def token_with(claims: dict, secret: str = SECRET, algorithm: str = "HS256", headers: dict | None = None) -> str:
-    """Return an HS256 (or other) token with exactly these claims."""
-    return jwt.encode(claims, secret, algorithm=algorithm, headers=headers)
-
-
-def hand_made_hs256(header: dict, claims: dict, key: bytes) -> str:
-    """Return a token HMAC-SHA256-signed with any key under any header: what pyjwt refuses to make."""
-    signing_input = base64url(json.dumps(header).encode()) + "." + base64url(json.dumps(claims).encode())
-    return signing_input + "." + base64url(hmac.new(key, signing_input.encode(), hashlib.sha256).digest())
-
-
-def base64url(part: bytes) -> str:
-    """Return bytes as unpadded base64url, as JWTs write them."""
-    return base64.urlsafe_b64encode(part).rstrip(b"=").decode()
-
-
-def database_name(database_url: str) -> str:
-    """Return the database a URL names."""
-    return psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
-
-
-def own_role(postgres, database_url: str) -> str:
-    """Give the database to a new role that is not a superuser, as Heroku's is; return the URL that logs in as it."""
-    database = database_name(database_url)
-    role = f"owner_{database}"[:63]
-    with psycopg.connect(postgres.url(), autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
-        admin.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(database), sql.Identifier(role)))
-    return postgres.url(database).replace("postgres@", f"{role}@")
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -169,3 +98,11 @@ class Server:
     def log_lines(self) -> list[dict]:
         """Return the receiver's own JSON log lines."""
         return [json.loads(line) for line in self.output().splitlines() if line.startswith("{")]
+
+
+def deliver(target, body: bytes, headers: dict, timeout: float = 30) -> tuple[int, str]:
+    """POST a delivery to an app's test client or to a running Server; return the status and the answer's text."""
+    if isinstance(target, Server):
+        return target.post(body, headers, timeout)
+    answer = target.post("/", data=body, headers=headers)
+    return answer.status_code, answer.text

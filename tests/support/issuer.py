@@ -93,3 +93,13 @@ class Issuer:
                 pass
 
         return Handler
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now

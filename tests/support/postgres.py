@@ -11,7 +11,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from helpers import free_port
+import psycopg
+from psycopg import sql
+
+from .server import free_port
 
 
 def server_programs() -> Path | None:
@@ -108,3 +111,18 @@ class PostgresServer:
     def _run(self, program: str, *arguments: str) -> None:
         subprocess.run([*self.run_as, str(self.programs / program), *arguments], check=True, capture_output=True,
                        cwd=self.folder)
+
+
+def database_name(database_url: str) -> str:
+    """Return the database a URL names."""
+    return psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
+
+
+def own_role(postgres, database_url: str) -> str:
+    """Give the database to a new role that is not a superuser, as Heroku's is; return the URL that logs in as it."""
+    database = database_name(database_url)
+    role = f"owner_{database}"[:63]
+    with psycopg.connect(postgres.url(), autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        admin.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(database), sql.Identifier(role)))
+    return postgres.url(database).replace("postgres@", f"{role}@")
