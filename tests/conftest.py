@@ -48,9 +48,21 @@ def make_app():
 
 
 @pytest.fixture
-def client(make_app):
-    """Return a test client of a log-only receiver."""
-    return make_app().test_client()
+def app(make_app):
+    """Return a log-only receiver that verifies the tests' secret."""
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    """Return a test client of the log-only receiver."""
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    """Return a runner of the log-only receiver's commands."""
+    return app.test_cli_runner()
 
 
 @pytest.fixture

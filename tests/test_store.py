@@ -114,9 +114,9 @@ def test_events_command_lists_and_filters(make_app, database_url):
     assert '"value": 21.45' in listed[2]
 
 
-def test_events_command_without_database_says_so(make_app):
+def test_events_command_without_database_says_so(runner):
     """Without DATABASE_URL the listing command explains why it has nothing to show."""
-    result = make_app().test_cli_runner().invoke(args=["events"])
+    result = runner.invoke(args=["events"])
     assert result.exit_code != 0 and "set DATABASE_URL" in result.output
 
 
