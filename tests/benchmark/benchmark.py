@@ -1,8 +1,8 @@
-"""Measure the receiver against the bare-Flask ceiling, in interleaved rounds, and write the table to the README.
+"""Measure the receiver against the bare-Flask ceiling in interleaved rounds; write the table to docs/performance.md.
 
-Run by hand, never in CI: `python tests/benchmark.py` (needs wrk, PostgreSQL's server programs and
-taskset; about six minutes, eight with `--compare`). Servers run pinned to core 0 and wrk to core 1, so they
-do not compete.
+Run by hand, never in CI: `python tests/benchmark/benchmark.py` (needs wrk and taskset, and PostgreSQL's
+server programs unless `--no-postgres`; about six minutes, eight with `--compare`). Servers run pinned to
+core 0 and wrk to core 1, so they do not compete.
 
 Two runs of the same case can differ by a quarter, so no case is measured in one long run: each of
 `--rounds` rounds runs every case once for `--seconds`, and the table gives each case's medians, with
@@ -46,20 +46,19 @@ from pathlib import Path
 
 import psycopg
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent.parent), str(HERE.parent)]  # the receiver, and the tests' support modules
+from receiver.sample import encode_body, sample_event, sign_body  # noqa: E402
+from receiver.webhook import MAX_BODY_BYTES  # noqa: E402
 from support.postgres import PostgresServer, server_programs  # noqa: E402
 from support.server import ROOT, Server  # noqa: E402
 from support.signing import SECRET  # noqa: E402
 
-from receiver.sample import encode_body, sample_event, sign_body  # noqa: E402
-
-os.environ.setdefault("DT_SIGNATURE_SECRET", SECRET)  # app.py builds its app from the environment on import
-from app import MAX_BODY_BYTES  # noqa: E402
-
 SERVER_CORE, LOAD_CORE = "0", "1"
 DATABASE_CORE = LOAD_CORE  # on Heroku the database is another machine: keep it off the server's core
-CEILING_COMMAND = "gunicorn --pythonpath tests ceiling:app"
-README_START, README_END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
+CEILING_COMMAND = "gunicorn --pythonpath tests/benchmark ceiling:app"
+TABLE_FILE = ROOT / "docs" / "performance.md"
+TABLE_START, TABLE_END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
 SIZES = {"1 KB": 1024, "64 KB": 64 * 1024, "256 KiB (the limit)": MAX_BODY_BYTES}
 VENVS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dt-receiver-bench"
 
@@ -154,7 +153,7 @@ def wait_for_any_answer(server: Server, seconds: float = 15) -> float:
 def run_wrk(url: str, case: Case, seconds: int, connections: int) -> dict:
     """Drive a server with wrk from the load core, from the case's next delivery on; return its figures."""
     command = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
-               "-s", str(ROOT / "tests" / "benchmark.lua"), url, "--", str(case.deliveries), str(case.position)]
+               "-s", str(HERE / "benchmark.lua"), url, "--", str(case.deliveries), str(case.position)]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     figures = json.loads(output.strip().splitlines()[-1])
     case.position += figures["requests"] + connections  # a request in flight at the end may still have landed
@@ -233,12 +232,20 @@ def table(results: list[dict], compared: str | None) -> str:
     return "\n".join(rows)
 
 
-def write_readme(text: str) -> None:
-    """Replace the README's performance table with this run's."""
-    readme = ROOT / "README.md"
-    content = readme.read_text()
-    start, end = content.index(README_START) + len(README_START), content.index(README_END)
-    readme.write_text(content[:start] + "\n" + text + "\n" + content[end:])
+def write_table(text: str) -> None:
+    """Replace the performance table in docs/performance.md with this run's."""
+    content = TABLE_FILE.read_text()
+    start, end = content.index(TABLE_START) + len(TABLE_START), content.index(TABLE_END)
+    TABLE_FILE.write_text(content[:start] + "\n" + text + "\n" + content[end:])
+
+
+def missing_programs(with_postgres: bool) -> list[str]:
+    """Return what the benchmark needs that this machine lacks, each as what to install."""
+    missing = [f"{program} (e.g. apt-get install {package})" for program, package in
+               (("wrk", "wrk"), ("taskset", "util-linux")) if shutil.which(program) is None]
+    if with_postgres and server_programs() is None:
+        missing.append("PostgreSQL's server programs (run the tests' install first, or pass --no-postgres)")
+    return missing
 
 
 def main() -> None:
@@ -252,14 +259,18 @@ def main() -> None:
     parser.add_argument("--size", action="append", choices=SIZES, help="only these body sizes (repeatable)")
     parser.add_argument("--no-postgres", action="store_true", help="skip the Postgres case")
     parser.add_argument("--compare", metavar="DIR", help="also run this app folder's Procfile web command")
-    parser.add_argument("--no-readme", action="store_true", help="print the table only")
+    parser.add_argument("--print-only", action="store_true", help="print the table, leave docs/performance.md alone")
     args = parser.parse_args()
     compare = Path(args.compare).resolve() if args.compare else None
+    if missing := missing_programs(not args.no_postgres):
+        sys.exit("benchmark needs " + "; ".join(missing))
 
     folder = Path(tempfile.mkdtemp(prefix="dt-receiver-bench-"))
-    postgres = PostgresServer(server_programs())
-    postgres.start()
-    pin_postgres(postgres)
+    postgres = None
+    if not args.no_postgres:
+        postgres = PostgresServer(server_programs())
+        postgres.start()
+        pin_postgres(postgres)
     cases, database = [], None
     try:
         for size_label, size in SIZES.items():
@@ -290,10 +301,11 @@ def main() -> None:
             if any(case.position > case.count for case in cases if "DATABASE_URL" in case.settings):
                 print("note: the Postgres case replayed events, which it skips as duplicates", file=sys.stderr)
     finally:
-        postgres.remove()
+        if postgres is not None:
+            postgres.remove()
     shutil.rmtree(folder)  # the deliveries and the servers' last lines; kept when a run fails
 
-    command = (f"python tests/benchmark.py --rounds {args.rounds} --seconds {args.seconds} "
+    command = (f"python tests/benchmark/benchmark.py --rounds {args.rounds} --seconds {args.seconds} "
                f"--connections {args.connections} --workers {args.workers}"
                + (f" --compare {args.compare}" if args.compare else ""))
     results = [summary(case) for case in cases]
@@ -312,8 +324,8 @@ def main() -> None:
                      f"with {stored} distinct events committed durably (synchronous_commit on).")
     report = table(results, compare.name if compare else None) + "\n\n" + " ".join(notes)
     print(report)
-    if not args.no_readme:
-        write_readme(report)
+    if not args.print_only:
+        write_table(report)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Time each step of the receiver's handling of a 1 KB event in-process, beside bare Flask, as the README's table.
+"""Time each step of the receiver's handling of a 1 KB event in-process, beside bare Flask (docs/performance.md).
 
-Run by hand: `python tests/costs.py` (after the test install; about a minute). No server runs: each
+Run by hand: `python tests/benchmark/costs.py` (after the test install; about a minute). No server runs: each
 round calls the bare-Flask ceiling, then the log-only receiver, as WSGI applications with the same signed
 deliveries, and times each step of the receiver where it runs, among the others. (Alone in a tight loop a
 step looks up to twice as fast: its code and data stay in the CPU's caches.) The table gives the median
@@ -17,27 +17,23 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import jwt
 from werkzeug.test import EnvironBuilder
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from support.signing import SECRET  # noqa: E402
-
-from receiver import signatures  # noqa: E402
-from receiver.sample import sign_body  # noqa: E402
-
-os.environ["DT_SIGNATURE_SECRET"] = SECRET  # app.py builds its app from the environment on import
-sys.stdout = open(os.devnull, "w")  # the log lines' stream, set before app.py configures logging
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent.parent), str(HERE.parent)]  # the receiver, and the tests' support modules
+sys.stdout = open(os.devnull, "w")  # the log lines' stream, set before the receiver configures logging
 import ceiling  # noqa: E402
 from benchmark import body_of_size  # noqa: E402
+from support.signing import SECRET  # noqa: E402
 
-import app as receiver  # noqa: E402
+from receiver import create_app, signatures, webhook  # noqa: E402
+from receiver.sample import sign_body  # noqa: E402
 
 STEPS = {  # row of the table -> (module, name) of the function that does it
-    "pyjwt's HS256 decode, with every check it makes": (jwt, "decode"),
+    "pyjwt's HS256 decode, with every check it makes": (signatures.HS256_JWT, "decode"),
     "both checksums of the body, compared in constant time": (signatures, "verify_checksums"),
-    "parsing the event": (receiver, "parse_event"),
-    "the event's JSON log line: its fields, the record, formatting, the write": (receiver, "write_event_line"),
+    "parsing the event": (webhook, "parse_event"),
+    "the event's JSON log line: its fields, the record, formatting, the write": (webhook, "write_event_line"),
 }
 CEILING = "bare Flask: routing, request and response objects, reading the body (the ceiling)"
 REST = "the rest: the deadline timer, header lookups, the answer"
@@ -88,6 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     bodies = [body_of_size(1024, number) for number in range(args.events)]
     deliveries = [(body, sign_body(body, SECRET)) for body in bodies]
+    receiver = create_app({"DT_SIGNATURE_SECRET": SECRET})
     totals = Counter()
     for row, (module, name) in STEPS.items():
         setattr(module, name, timed(totals, row, getattr(module, name)))
@@ -96,7 +93,7 @@ def main() -> None:
     for _ in range(args.rounds):
         totals.clear()
         figures = {CEILING: seconds_per_call(ceiling.app, deliveries),
-                   TOTAL: seconds_per_call(receiver.app, deliveries)}
+                   TOTAL: seconds_per_call(receiver, deliveries)}
         figures.update({row: totals[row] / len(deliveries) for row in STEPS})
         rounds.append(figures)
 
