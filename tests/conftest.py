@@ -83,13 +83,12 @@ def start_server(tmp_path):
 
 @pytest.fixture(scope="session")
 def postgres():
-    """Return a running PostgreSQL server of the tests' own, or skip (fail in CI) without one."""
+    """Return a running PostgreSQL server of the tests' own; without server programs, fail (never skip)."""
+    from postgres import programs_missing
+
     programs = server_programs()
     if programs is None:
-        message = "PostgreSQL's server programs (initdb, pg_ctl) were not found: install PostgreSQL or set PG_BINDIR"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        pytest.fail(programs_missing(), pytrace=False)
     server = PostgresServer(programs)
     server.start()
     yield server
