@@ -18,6 +18,8 @@ DATABASE_FAULTS = (
     (re.compile(r"SSL (?:error|SYSCALL|connection)|server does not support SSL|SSL negotiation"),
      lambda _: "SSL negotiation failed"),
     (re.compile(r"too many connections|remaining connection slots"), lambda _: "too many connections"),
+    (re.compile(r"the database system is (shutting down|starting up|in recovery mode|not yet accepting)"),
+     lambda match: f"database {match[1]}"),
     (re.compile(r"permission denied"), lambda _: "permission denied"),
     (re.compile(r"could not extend file|No space left on device|disk full", re.I), lambda _: "disk full"),
     (re.compile(r'relation "dt_events" does not exist|column .* does not exist'), lambda _: "table not migrated yet"),

@@ -27,7 +27,7 @@ RECOVERY_SECONDS = 5.0  # every worker stores again this soon after the database
 ROUTER_SECONDS = 30  # Heroku's router gives up here; a client waiting this long sees how late an answer is
 RETRY_SECONDS = 0.5  # DT waits 8 s before its first retry, then doubles; scaled down to keep the tests short
 CONNECTIONS = 8  # DT's concurrent deliveries in the outage tests
-FAULT_SECONDS = 20  # how long the database stays frozen or stopped
+FAULT_SECONDS = 10  # how long the database stays frozen or stopped: longer than the 7 s deadline
 PARTITION_SECONDS = 12  # how long the network to the database stays silent: two attempts per connection
 
 

@@ -121,7 +121,8 @@ def test_events_command_without_database_says_so(runner):
 
 
 # What a delivery is told while the database is down: a pooled connection the shutdown ended, or no connection to be had.
-OUTAGE_REASONS = {"database error: AdminShutdown", "database unavailable: connection refused"}
+OUTAGE_REASONS = {"database error: AdminShutdown", "database unavailable: connection refused",
+                  "database unavailable: database shutting down", "database unavailable: database starting up"}
 
 
 def test_database_outage_gives_503_then_recovers_without_restart(start_server, postgres, database_url):

@@ -26,6 +26,7 @@ class Issuer:
         self.trickle = 0.0  # seconds between the bytes of each answer's body, as a stalled transfer looks
         self.fetches = 0  # discovery requests, each the start of a fetch, counted whether or not answered
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.block_on_close = False  # closing does not wait out an answer held back on purpose
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}/data-connector"
         threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
 
