@@ -9,5 +9,7 @@ def on_event(event: Event) -> None:
     DT delivers at least once: the same event can arrive twice (a retry, a Synchronize, an answer
     lost on the way back), and one that made this function raise comes back. Act idempotently,
     keyed by `event.event_id`, and return within a few seconds: the whole delivery is answered
-    within the deadline in app.py, or DT hears 503 and retries.
+    within the deadline in receiver/webhook.py, or DT hears 503 and retries. Deliveries that arrive
+    together run it at once, each in its own greenlet: guard what they share with a lock
+    (threading's locks cooperate with gevent in the server).
     """

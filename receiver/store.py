@@ -19,7 +19,7 @@ from .schema import migrate
 
 log = logging.getLogger("receiver")
 
-# Each wait is bounded on its own; the delivery's deadline (app.py) bounds them all together.
+# Each wait is bounded on its own; the delivery's deadline (receiver/webhook.py) bounds them all together.
 CONNECT_TIMEOUT_SECONDS = 3
 STATEMENT_TIMEOUT_MS = 5000
 # A peer that stops acknowledging (a partition) fails a write after this long, and an idle one is probed.

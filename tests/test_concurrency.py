@@ -1,5 +1,6 @@
 """Deliveries that arrive together, at the moments shared state changes: a start, a key rotation, an outage."""
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -59,8 +60,13 @@ def test_deliveries_arriving_together_at_a_start_are_all_accepted(start_server, 
     """At a cold start, 32 authentic deliveries sent at once share the first key fetch and all get 200."""
     secret = SECRET if signatures == "both" else None
     server = asymmetric_server(start_server, issuer, DT_SIGNATURE_SECRET=secret or "")
-    assert burst(server, asymmetric(issuer, "k1", secret=secret)) == [(200, "logged\n")] * BURST
+    deliveries = asymmetric(issuer, "k1", secret=secret)
+    assert burst(server, deliveries) == [(200, "logged\n")] * BURST
     assert issuer.fetches <= 2  # one per worker
+    # Lines written at once by one worker's greenlets stay whole: each parses, one per event.
+    logged = [line["body"] for line in server.log_lines() if line["msg"] == "event logged"]
+    assert sorted(json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode() for body in logged) == sorted(
+        body for body, _ in deliveries)
 
 
 def test_deliveries_arriving_together_at_a_start_with_a_database_are_all_stored(start_server, issuer, database_url):
