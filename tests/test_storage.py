@@ -2,7 +2,6 @@
 
 import json
 import os
-import pwd
 import re
 import subprocess
 import tempfile
@@ -201,7 +200,8 @@ DOCUMENTED_QUERIES = {
     "prune --dry-run": (queries.PRUNE_ESTIMATE, "before", ("dt_events_time",), False),
     "status: newest event": (queries.NEWEST, None, ("dt_events_time",), True),
     "status: recent counts by type": (queries.RECENT_BY_TYPE, None, ("dt_events_time",), False),
-    "status: silent devices": (queries.SILENT_DEVICES, None, ("dt_events_time",), False),
+    # Either index serves it, never a full scan: PostgreSQL 15 reads dt_events_time, 18 dt_events_device_time.
+    "status: silent devices": (queries.SILENT_DEVICES, None, (), False),
     "status: backfilled rows": (queries.SOURCES, None, ("dt_events_time",), False),
 }
 
@@ -365,9 +365,9 @@ def tiny_tablespace(postgres, database_url):
     """Return a tablespace on a 512 KB tmpfs of its own; drop the test's database, the tablespace and the mount after."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs for a full disk needs root")
-    account = pwd.getpwnam("postgres")
+    owner = postgres.data.stat()  # the account the server runs as
     folder = Path(tempfile.mkdtemp(prefix="dt-receiver-tiny-"))
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=512k,mode=0700,uid={account.pw_uid},gid={account.pw_gid}",
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=512k,mode=0700,uid={owner.st_uid},gid={owner.st_gid}",
                               "tmpfs", str(folder)], capture_output=True, text=True, check=False)
     if mounted.returncode != 0:
         folder.rmdir()
