@@ -62,7 +62,7 @@ def stderr_joins_stdout() -> bool:
 @contextmanager
 def stdout_text() -> Iterator[TextIO]:
     """Lend stdout as UTF-8 text, whatever the locale; a reader that goes away (`| head`) ends it in one line."""
-    out = io.TextIOWrapper(click.get_binary_stream("stdout"), encoding="utf-8", newline="")
+    out = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="")
     try:
         yield out
         out.flush()

@@ -65,7 +65,7 @@ WINDOW_EVENTS = "SELECT count(*) FROM dt_events" + WINDOW  # noqa: S608 (constan
 WINDOW_READINGS = """
 SELECT to_char(time AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), device_id, event_type, name,
        value::text, state, unit, event_id
-FROM dt_readings""" + WINDOW + "ORDER BY event_time, event_id"
+FROM dt_readings""" + WINDOW + "ORDER BY event_time, event_id, time, name"
 
 WINDOW_BODIES = "SELECT event_id, event FROM dt_events" + WINDOW + "ORDER BY event_time, event_id"  # noqa: S608
 
