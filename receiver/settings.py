@@ -69,7 +69,7 @@ def number_problem(settings: Mapping[str, str]) -> str | None:
 def stale_after(settings: Mapping[str, str]) -> timedelta | None:
     """Return how long /health lets pass without a stored event (HEALTH_STALE_AFTER), or None if unset or invalid."""
     duration = parse_duration(settings.get("HEALTH_STALE_AFTER") or "")
-    return duration if duration and duration > timedelta(0) else None
+    return duration if duration is not None and duration > timedelta(0) else None
 
 
 def stale_problem(settings: Mapping[str, str]) -> str | None:
