@@ -9,5 +9,11 @@ def on_event(event: Event) -> None:
     DT delivers at least once: the same event can arrive twice (a retry, a Synchronize, an answer
     lost on the way back), and one that made this function raise comes back. Act idempotently,
     keyed by `event.event_id`, and return within a few seconds: the whole delivery is answered
-    within the deadline in app.py, or DT hears 503 and retries.
+    within the deadline in receiver/webhook.py, or DT hears 503 and retries.
+
+    With a database, the event is stored before this runs, so nothing is lost while this fails.
+    DT retries for 12 hours; after a longer outage of this code (or a bug that did the wrong
+    thing), fix it, deploy, and run it again over the stored events of that window:
+    `heroku run --exit-code -- flask --app app replay --since 36h` calls this once per stored
+    event, oldest first, with no deadline; a backfilled event's body has no labels or metadata.
     """

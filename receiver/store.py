@@ -41,7 +41,7 @@ ON CONFLICT (event_id) DO NOTHING
 
 # How long ago the newest event the Data Connector pushed arrived (nothing if none ever did), for /health
 # and `status`. Newest by event_time, which dt_events_time serves backwards from its end (received_at has
-# no index, and one would cost every event ~30 bytes); backfilled rows are skipped, since DT's history
+# no index, and one would cost every event about 20 bytes); backfilled rows are skipped, since DT's history
 # says nothing about the connector. An event dated in the future would hide every later arrival behind
 # it, so beyond a few minutes of clock difference it is left out.
 LAST_ARRIVAL = """
