@@ -304,7 +304,7 @@ def counted(events: Iterator[dict], tally: dict) -> Iterator[dict]:
         yield event
 
 
-def status_lines(report: dict, plan_bytes: int | None, stale_after: timedelta | None) -> list[str]:
+def status_lines(report: dict, plan_bytes: int | None, silence_limit: timedelta | None) -> list[str]:
     """Return the status report as lines for people."""
     newest = report["newest"]
     lines = [f"newest event: {newest['event_time']:%Y-%m-%d %H:%M:%S} UTC ({newest['event_type']}, device "
@@ -320,7 +320,7 @@ def status_lines(report: dict, plan_bytes: int | None, stale_after: timedelta | 
     sources = report["sources"]
     lines.append(f"backfilled: {sources['history']} of the {sources['all_events']} events of the last 7 days "
                  "came from DT's history")
-    lines.append(arrival_line(report["last_arrival"], stale_after))
+    lines.append(arrival_line(report["last_arrival"], silence_limit))
     sizes = report["sizes"]
     full = f", {sizes['database_bytes'] / plan_bytes:.0%} of the plan's {plan_bytes // 2**20} MB" if plan_bytes else ""
     lines.append(f"size: events table {megabytes(sizes['table_bytes'])}, "
@@ -328,14 +328,16 @@ def status_lines(report: dict, plan_bytes: int | None, stale_after: timedelta | 
     return lines
 
 
-def arrival_line(last_arrival: dict | None, stale_after: timedelta | None) -> str:
-    """Return how long ago the newest pushed event arrived, the age /health compares with HEALTH_STALE_AFTER."""
+def arrival_line(last_arrival: dict | None, silence_limit: timedelta | None) -> str:
+    """Return how long ago the newest pushed event arrived: the age /health compares with HEALTH_STALE_AFTER."""
     if last_arrival is None:
         return "last event from the Data Connector: none stored yet"
     age = last_arrival["age"]
-    verdict = "" if stale_after is None else (
-        ", longer than HEALTH_STALE_AFTER: /health answers 503" if age > stale_after else ", within HEALTH_STALE_AFTER")
-    return f"last event from the Data Connector: arrived {describe_age(age)} ago{verdict}"
+    line = f"last event from the Data Connector: arrived {describe_age(age)} ago"
+    if silence_limit is None:
+        return line
+    return line + (", longer than HEALTH_STALE_AFTER: /health answers 503" if age > silence_limit
+                   else ", within HEALTH_STALE_AFTER")
 
 
 def megabytes(size: int | None) -> str:
