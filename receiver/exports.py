@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import TextIO
 
 import click
@@ -67,8 +67,6 @@ def stdout_text() -> Iterator[TextIO]:
         yield out
         out.flush()
     except BrokenPipeError:
-        with suppress(OSError, ValueError):  # so that nothing, Python's exit included, writes there again
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise click.ClickException("stdout was closed before the export ended: the output is cut short") from None
     finally:
         out.detach()  # stdout itself stays open, for click

@@ -213,3 +213,31 @@ def test_help_needs_no_setting(command):
                            capture_output=True, text=True, timeout=60)
     assert (shown.returncode, shown.stderr) == (0, "")
     assert shown.stdout.startswith("Usage: ") and f" {command} [OPTIONS]" in shown.stdout and "--since" in shown.stdout
+
+
+def test_export_to_a_reader_that_goes_away_ends_in_one_line(make_app, database_url):
+    """`export | head -1`: when the reader closes the pipe, export stops with one line saying so, no traceback."""
+    make_app(DATABASE_URL=database_url).test_client()  # nothing delivered: the table is made below
+    with queries.connect(database_url) as connection:  # migrates
+        connection.execute("INSERT INTO dt_events (event_id, device_id, event_type, event_time, event) "
+                           "SELECT 'many-' || n, 'emudev1', 'touch', now() - n * interval '1 s', %s "
+                           "FROM generate_series(1, 5000) AS n",
+                           (encode_body(event_at("touch", datetime.now(timezone.utc), "many")).decode(),))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("DT_", "DATABASE_"))}, "DATABASE_URL": database_url}
+    export = subprocess.Popen([sys.executable, "-m", "flask", "--app", "app", "export", "--since", "1d"], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert export.stdout.readline() == b"time,device_id,event_type,name,value,state,unit,event_id\n"
+    export.stdout.close()  # far more than a pipe holds is still to come
+    stderr = export.stderr.read().decode()
+    assert export.wait(60) == 1
+    assert stderr.splitlines() == ["export", "Error: stdout was closed before the export ended: the output is cut short"]
+
+
+def test_export_and_replay_of_an_empty_window_succeed_with_nothing(make_app, database_url, monkeypatch):
+    """A window without events gives the CSV header alone, no JSON lines, and a replay of nothing that exits 0."""
+    app = make_app(DATABASE_URL=database_url)
+    window = ["--since", "2001-01-01T00:00:00Z", "--until", "2001-01-02T00:00:00Z"]
+    monkeypatch.setattr(on_event, "on_event", Handler(failing=set()))
+    assert run(app, "export", *window).stdout == ",".join(HEADER) + "\n"
+    assert run(app, "export", *window, "--format", "jsonl").stdout == ""
+    assert REPLAYED.fullmatch(run(app, "replay", *window).stdout.strip()).groups() == ("0", "0", "0")
