@@ -1,7 +1,7 @@
 """The commands people run (`flask --app app ...`): each works, or ends in one line naming what to fix."""
 
+import io
 import json
-import re
 import sys
 import time
 import urllib.error
@@ -15,15 +15,13 @@ import psycopg
 from flask import Flask, current_app
 from flask.cli import with_appcontext
 
-from . import queries
+from . import exports, on_event, queries
+from .durations import describe_age, parse_duration
 from .errors import ConfigError
-from .events import parse_timestamp
+from .events import parse_event, parse_timestamp
 from .sample import SAMPLE_DATA, encode_body, sample_event, sign_body
-from .settings import database_problem
+from .settings import database_problem, stale_after, stale_problem
 from .signatures import SIGNATURE_HEADER
-
-DURATION = re.compile(r"(\d+)\s*([smhdw])")
-UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
 class Moment(click.ParamType):
@@ -34,8 +32,11 @@ class Moment(click.ParamType):
     def convert(self, value, param, ctx) -> datetime:
         if isinstance(value, datetime):
             return value
-        if match := DURATION.fullmatch(value.strip()):
-            return datetime.now(UTC) - timedelta(**{UNITS[match[2]]: int(match[1])})
+        if (duration := parse_duration(value)) is not None:
+            try:
+                return datetime.now(UTC) - duration
+            except OverflowError:  # before year 1
+                self.fail(f"{value!r} reaches back before the year 1", param, ctx)
         moment = parse_timestamp(value.strip().replace(" ", "T"))
         if moment is None:
             self.fail(f"{value!r} is neither an RFC 3339 time with a zone (2026-11-20T06:00:00Z) "
@@ -45,8 +46,22 @@ class Moment(click.ParamType):
 
 def init_app(app: Flask) -> None:
     """Add the receiver's commands to `flask --app app`."""
-    for command in (send, events, backfill, prune, status):
+    for command in (send, events, backfill, prune, status, export, replay):
         app.cli.add_command(command)
+
+
+def window_options(command):
+    """Add the options that pick a window of stored events: --since, --until, and repeatable --device and --type."""
+    options = (
+        click.option("--since", type=Moment(), required=True,
+                     help="Start of the window, by the events' own time: RFC 3339, or 36h, 3d back from now."),
+        click.option("--until", type=Moment(), help="End of the window (default: now)."),
+        click.option("--device", "devices", multiple=True, help="Only this device id (repeatable)."),
+        click.option("--type", "event_types", multiple=True, help="Only this event type (repeatable)."),
+    )
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 @click.command("send")
@@ -145,15 +160,93 @@ def status(connector: str | None, project: str | None) -> None:
     if connector and not project:
         raise click.UsageError("--connector needs --project: the id of the project the Data Connector is in")
     plan_bytes = plan_size()
+    if problem := stale_problem(current_app.config):
+        raise click.ClickException(problem)
     with database() as connection:
         report = queries.status(connection)
-    for line in status_lines(report, plan_bytes):
+    for line in status_lines(report, plan_bytes, stale_after(current_app.config)):
         click.echo(line)
     if connector:
         with dt_account() as (rest_api, account):
             metrics = rest_api.fetch_metrics(account, project, connector)
         click.echo(f"connector {connector}, last 3 hours (DT's counters): {metrics.get('successCount', 0)} delivered, "
                    f"{metrics.get('errorCount', 0)} failed, p99 latency {metrics.get('latency99p', '-')}")
+
+
+@click.command("export")
+@window_options
+@click.option("--format", "output_format", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True,
+              help="csv: the window's readings (dt_readings); jsonl: each stored body exactly as received.")
+@with_appcontext
+def export(since: datetime, until: datetime | None, devices: tuple[str, ...], event_types: tuple[str, ...],
+           output_format: str) -> None:
+    """Write a window's readings as CSV, or its stored bodies as JSON lines, to stdout; progress on stderr."""
+    window = window_params(since, until, devices, event_types)
+    query, write, what = ((queries.WINDOW_READINGS, exports.write_readings, "{} readings of {} events")
+                          if output_format == "csv" else (queries.WINDOW_BODIES, exports.write_bodies, "{} events"))
+    started = time.monotonic()
+    # Under `heroku run` stderr and stdout are one stream: progress there would end up in the file.
+    quiet = exports.stderr_joins_stdout()
+    with database() as connection, queries.window(connection, query, window) as (total, rows):
+        with click.progressbar(length=total, label="export", file=io.StringIO() if quiet else sys.stderr,
+                               update_min_steps=max(1, total // 200)) as bar, exports.stdout_text() as out:
+            written, seen = write(rows, out, bar.update)
+            bar.update(total - seen)  # the window's events without readings
+    if not quiet:
+        seconds = time.monotonic() - started
+        click.echo(f"export: {what.format(written, seen)}, {describe_window(window)}, {seconds:.1f} s", err=True)
+
+
+@click.command("replay")
+@window_options
+@with_appcontext
+def replay(since: datetime, until: datetime | None, devices: tuple[str, ...], event_types: tuple[str, ...]) -> None:
+    """Give every stored event of a window to on_event again, oldest first, each once (after fixing a handler)."""
+    window = window_params(since, until, devices, event_types)
+    started = time.monotonic()
+    tally, first_failure = {"handled": 0, "failed": 0}, None
+    with database() as connection, queries.window(connection, queries.WINDOW_BODIES, window) as (total, rows):
+        progress = "{handled} handled, {failed} failed".format
+        with click.progressbar(rows, length=total, label="replay", file=sys.stderr,
+                               item_show_func=lambda _: progress(**tally)) as bar:
+            for event_id, body in bar:
+                if (error := hand_over(body)) is None:
+                    tally["handled"] += 1
+                    continue
+                tally["failed"] += 1
+                first_failure = first_failure or (event_id, error)
+    click.echo(f"replay: {total} events, {tally['handled']} handled, {tally['failed']} failed, "
+               f"{time.monotonic() - started:.1f} s")
+    if first_failure:
+        raise click.ClickException(f"{tally['failed']} of {total} events failed; the first, {first_failure[0]}, "
+                                   f"raised {first_failure[1]}: fix on_event, then replay the window again")
+
+
+def hand_over(body: str) -> str | None:
+    """Give one stored body to on_event, as a delivery does; return the name of what it raised, or None."""
+    try:
+        on_event.on_event(parse_event(body.encode("utf-8")))
+    except Exception as error:  # counted, and the replay goes on
+        return type(error).__name__
+    return None
+
+
+def window_params(since: datetime, until: datetime | None, devices: tuple[str, ...],
+                  event_types: tuple[str, ...]) -> dict:
+    """Return a window's query parameters (until defaults to now), or stop if it ends before it starts."""
+    until = until or datetime.now(UTC)
+    if since >= until:
+        raise click.BadParameter("--since must be before --until", param_hint="--since")
+    return {"since": since, "until": until, "devices": list(devices) or None, "types": list(event_types) or None}
+
+
+def describe_window(window: dict) -> str:
+    """Return a window's times and filters for people."""
+    text = f"{window['since'].astimezone(UTC):%Y-%m-%d %H:%M} to {window['until'].astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+    for name in ("devices", "types"):
+        if window[name]:
+            text += f", {name} {', '.join(window[name])}"
+    return text
 
 
 def plan_size() -> int | None:
@@ -211,7 +304,7 @@ def counted(events: Iterator[dict], tally: dict) -> Iterator[dict]:
         yield event
 
 
-def status_lines(report: dict, plan_bytes: int | None) -> list[str]:
+def status_lines(report: dict, plan_bytes: int | None, silence_limit: timedelta | None) -> list[str]:
     """Return the status report as lines for people."""
     newest = report["newest"]
     lines = [f"newest event: {newest['event_time']:%Y-%m-%d %H:%M:%S} UTC ({newest['event_type']}, device "
@@ -227,11 +320,24 @@ def status_lines(report: dict, plan_bytes: int | None) -> list[str]:
     sources = report["sources"]
     lines.append(f"backfilled: {sources['history']} of the {sources['all_events']} events of the last 7 days "
                  "came from DT's history")
+    lines.append(arrival_line(report["last_arrival"], silence_limit))
     sizes = report["sizes"]
     full = f", {sizes['database_bytes'] / plan_bytes:.0%} of the plan's {plan_bytes // 2**20} MB" if plan_bytes else ""
     lines.append(f"size: events table {megabytes(sizes['table_bytes'])}, "
                  f"database {megabytes(sizes['database_bytes'])}{full}")
     return lines
+
+
+def arrival_line(last_arrival: dict | None, silence_limit: timedelta | None) -> str:
+    """Return how long ago the newest pushed event arrived: the age /health compares with HEALTH_STALE_AFTER."""
+    if last_arrival is None:
+        return "last event from the Data Connector: none stored yet"
+    age = last_arrival["age"]
+    line = f"last event from the Data Connector: arrived {describe_age(age)} ago"
+    if silence_limit is None:
+        return line
+    return line + (", longer than HEALTH_STALE_AFTER: /health answers 503" if age > silence_limit
+                   else ", within HEALTH_STALE_AFTER")
 
 
 def megabytes(size: int | None) -> str:

@@ -2,11 +2,12 @@
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 from flask import current_app
 
 from .keys import SigningKeys
-from .settings import SECRETS, connections_per_worker, library_problem, server_problem
+from .settings import SECRETS, connections_per_worker, library_problem, server_problem, stale_after
 from .signatures import DT_ISSUER, Verifier
 from .store import EventStore
 
@@ -18,6 +19,7 @@ class Components:
     problem: str | None
     verifier: Verifier | None
     store: EventStore | None
+    stale_after: timedelta | None = None  # with a store: how long /health lets pass without a pushed event
 
 
 def build_components(settings: Mapping[str, str]) -> Components:
@@ -25,7 +27,7 @@ def build_components(settings: Mapping[str, str]) -> Components:
     problem = server_problem(settings) or library_problem(settings)
     if problem:
         return Components(problem, None, None)
-    return Components(None, build_verifier(settings), build_store(settings))
+    return Components(None, build_verifier(settings), build_store(settings), stale_after(settings))
 
 
 def build_verifier(settings: Mapping[str, str]) -> Verifier:

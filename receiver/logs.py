@@ -5,6 +5,7 @@ import json
 import logging
 import logging.config
 import re
+from typing import Any
 
 # libpq's messages name hosts and users; these fixed forms say what went wrong and nothing more.
 DATABASE_FAULTS = (
@@ -73,8 +74,14 @@ class JsonText(str):
     @classmethod
     def of(cls, event) -> "JsonText":
         """Return an event's body as received, or re-serialised if it holds a line break (a log line must not)."""
-        text = event.text
-        return cls(json.dumps(event.body) if any(mark in text for mark in LINE_BREAKS) else text)
+        return cls(one_line(event.text, event.body))
+
+
+def one_line(text: str, document: Any = None) -> str:
+    """Return JSON text as one line: as it is, or re-serialised from its parse (given, or made here) if it breaks."""
+    if not any(mark in text for mark in LINE_BREAKS):
+        return text
+    return json.dumps(json.loads(text) if document is None else document)
 
 
 class JsonLineFormatter(logging.Formatter):

@@ -12,4 +12,10 @@ def on_event(event: Event) -> None:
     within the deadline in receiver/webhook.py, or DT hears 503 and retries. Deliveries that arrive
     together run it at once, each in its own greenlet: guard what they share with a lock
     (threading's locks cooperate with gevent in the server).
+
+    With a database, the event is stored before this runs, so nothing is lost while this fails.
+    DT retries for 12 hours; after a longer outage of this code (or a bug that did the wrong
+    thing), fix it, deploy, and run it again over the stored events of that window:
+    `heroku run --exit-code -- flask --app app replay --since 36h` calls this once per stored
+    event, oldest first, with no deadline; a backfilled event's body has no labels or metadata.
     """

@@ -1,4 +1,4 @@
-"""Read, count, add and prune stored events for the commands, on one short-lived connection."""
+"""Read, count, add, stream and prune stored events for the commands, on one short-lived connection."""
 
 import json
 from collections.abc import Iterable, Iterator
@@ -6,15 +6,16 @@ from contextlib import contextmanager
 from datetime import datetime
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 
 from .events import parse_event
 from .logs import database_fault
 from .schema import migrate
-from .store import connection_options, insert_keeping_odd_text
+from .store import LAST_ARRIVAL, connection_options, insert_keeping_odd_text
 
 HISTORY_BATCH = 1000
 PRUNE_BATCH = 5000
+STREAM_BATCH = 2000  # rows a server-side cursor hands over per round trip
 
 LATEST = """
 SELECT event_time, received_at, device_id, event_type, event_id, source, event
@@ -50,6 +51,25 @@ FROM dt_events WHERE event_time < %s
 """
 
 
+# A window of stored events (export, replay): by the events' own time, which dt_events_time serves (and
+# dt_events_device_time, for devices), maybe of some devices and types only. dt_readings passes it all down.
+WINDOW = """
+WHERE event_time >= %(since)s AND event_time < %(until)s
+  AND (%(devices)s::text[] IS NULL OR device_id = ANY(%(devices)s))
+  AND (%(types)s::text[] IS NULL OR event_type = ANY(%(types)s))
+"""
+
+WINDOW_EVENTS = "SELECT count(*) FROM dt_events" + WINDOW  # noqa: S608 (constant text only)
+
+# Readings as CSV wants them: times in UTC as RFC 3339, values as the shortest text that reads back exactly.
+WINDOW_READINGS = """
+SELECT to_char(time AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), device_id, event_type, name,
+       value::text, state, unit, event_id
+FROM dt_readings""" + WINDOW + "ORDER BY event_time, event_id, time, name"
+
+WINDOW_BODIES = "SELECT event_id, event FROM dt_events" + WINDOW + "ORDER BY event_time, event_id"  # noqa: S608
+
+
 class DatabaseError(Exception):
     """The database could not be reached or used; the message names the cause in a few words."""
 
@@ -73,6 +93,22 @@ def latest(connection: psycopg.Connection, device: str | None, event_type: str |
     for row in found:
         row["event"] = json.loads(row["event"])
     return found
+
+
+@contextmanager
+def window(connection: psycopg.Connection, query: str, params: dict) -> Iterator[tuple[int, Iterator[tuple]]]:
+    """Lend how many events a window holds and a query's rows over it, streamed from a server-side cursor.
+
+    Both read one snapshot, so the count is of the events the rows come from. There is no statement
+    timeout: a read holds up no delivery, and a window that must be sorted is sorted before its first row.
+    """
+    with connection.transaction():
+        connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        connection.execute("SET LOCAL statement_timeout = 0")
+        events = connection.execute(WINDOW_EVENTS, params).fetchone()["count"]
+        with connection.cursor(name="window", row_factory=tuple_row) as cursor:
+            cursor.itersize = STREAM_BATCH
+            yield events, cursor.execute(query, params)
 
 
 def add_history(connection: psycopg.Connection, events: Iterable[dict]) -> int:
@@ -142,9 +178,10 @@ SELECT pg_total_relation_size('dt_events') AS table_bytes, pg_database_size(curr
 
 
 def status(connection: psycopg.Connection) -> dict:
-    """Return what `status` reports: the newest event, recent counts by type, silent devices, sources and sizes."""
+    """Return what `status` reports: the newest event, its arrival, counts by type, silent devices, sources, sizes."""
     return {
         "newest": connection.execute(NEWEST).fetchone(),
+        "last_arrival": connection.execute(LAST_ARRIVAL).fetchone(),
         "by_type": connection.execute(RECENT_BY_TYPE).fetchall(),
         "silent": connection.execute(SILENT_DEVICES).fetchall(),
         "sources": connection.execute(SOURCES).fetchone(),

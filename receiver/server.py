@@ -9,7 +9,7 @@ import gevent
 from gunicorn.glogging import Logger
 
 from .logs import LOGGED, configure_logging
-from .settings import secret_warnings, server_problem
+from .settings import server_problem, setting_warnings
 
 
 class OneLinePerRequest(Logger):
@@ -26,13 +26,13 @@ class OneLinePerRequest(Logger):
 
 
 def on_starting(server):
-    """Refuse to start, with one line, a server whose settings could accept no event; warn once of weak ones."""
+    """Refuse to start, with one line, a server whose settings could accept no event; warn once of weak or idle ones."""
     problem = server_problem(os.environ) or library_problem_of_a_child()
     if problem:
         print(f"receiver not started: {problem}", file=sys.stderr)
         sys.exit(1)
     configure_logging()
-    for warning in secret_warnings(os.environ):
+    for warning in setting_warnings(os.environ):
         logging.getLogger("receiver").warning(warning)
 
 

@@ -1,12 +1,15 @@
 """Say, in one line each, what is wrong with the settings the web server needs."""
 
 from collections.abc import Mapping
+from datetime import timedelta
 from urllib.parse import urlsplit
+
+from .durations import EXAMPLES, parse_duration
 
 # Every variable the receiver and its commands read; the app's config holds these and no others of the environment.
 NAMES = (
     "DT_SIGNATURE_SECRET", "DT_SIGNATURE_SECRET_PREVIOUS", "DT_ORGANIZATION_ID", "DT_ISSUER",
-    "DATABASE_URL", "DATABASE_MAX_CONNECTIONS", "DATABASE_PLAN_MB", "WEB_CONCURRENCY",
+    "DATABASE_URL", "DATABASE_MAX_CONNECTIONS", "DATABASE_PLAN_MB", "WEB_CONCURRENCY", "HEALTH_STALE_AFTER",
     "DT_SERVICE_ACCOUNT_KEY_ID", "DT_SERVICE_ACCOUNT_SECRET", "DT_SERVICE_ACCOUNT_EMAIL", "DT_API_URL", "DT_AUTH_URL",
 )
 DATABASE_SCHEMES = ("postgres", "postgresql")
@@ -30,10 +33,13 @@ def verification_problem(settings: Mapping[str, str]) -> str | None:
             "DT_ORGANIZATION_ID (to verify DT-Asymmetric-Signature), or both")
 
 
-def secret_warnings(settings: Mapping[str, str]) -> list[str]:
-    """Return a warning for each secret too short to resist guessing."""
-    return [f"{name} is shorter than {MIN_SECRET_BYTES} bytes: use a longer random secret"
-            for name in SECRETS if settings.get(name) and len(settings[name].encode()) < MIN_SECRET_BYTES]
+def setting_warnings(settings: Mapping[str, str]) -> list[str]:
+    """Return a warning for each secret too short to resist guessing, and for a setting that has no effect."""
+    warnings = [f"{name} is shorter than {MIN_SECRET_BYTES} bytes: use a longer random secret"
+                for name in SECRETS if settings.get(name) and len(settings[name].encode()) < MIN_SECRET_BYTES]
+    if settings.get("HEALTH_STALE_AFTER") and not settings.get("DATABASE_URL"):
+        warnings.append("HEALTH_STALE_AFTER has no effect without DATABASE_URL: /health cannot see when events arrive")
+    return warnings
 
 
 def database_problem(settings: Mapping[str, str]) -> str | None:
@@ -60,9 +66,24 @@ def number_problem(settings: Mapping[str, str]) -> str | None:
     return None
 
 
+def stale_after(settings: Mapping[str, str]) -> timedelta | None:
+    """Return how long /health lets pass without a stored event (HEALTH_STALE_AFTER), or None if unset or invalid."""
+    duration = parse_duration(settings.get("HEALTH_STALE_AFTER") or "")
+    return duration if duration is not None and duration > timedelta(0) else None
+
+
+def stale_problem(settings: Mapping[str, str]) -> str | None:
+    """Return why HEALTH_STALE_AFTER is not a duration, or None (also when it is unset or empty)."""
+    value = settings.get("HEALTH_STALE_AFTER")
+    if value and stale_after(settings) is None:
+        return f"HEALTH_STALE_AFTER must be a duration such as {EXAMPLES}, not {value!r}"
+    return None
+
+
 def server_problem(settings: Mapping[str, str]) -> str | None:
     """Return the first reason the web server must not start that the standard library can see, or None."""
-    return verification_problem(settings) or database_problem(settings) or number_problem(settings)
+    return (verification_problem(settings) or database_problem(settings) or number_problem(settings)
+            or stale_problem(settings))
 
 
 def library_problem(settings: Mapping[str, str]) -> str | None:

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -36,6 +37,17 @@ INSERT = """
 INSERT INTO dt_events (event_id, device_id, event_type, event_time, event)
 VALUES (%s, %s, %s, COALESCE(%s, now()), %s)
 ON CONFLICT (event_id) DO NOTHING
+"""
+
+# How long ago the newest event the Data Connector pushed arrived (nothing if none ever did), for /health
+# and `status`. Newest by event_time, which dt_events_time serves backwards from its end (received_at has
+# no index, and one would cost every event about 20 bytes); backfilled rows are skipped, since DT's history
+# says nothing about the connector. An event dated in the future would hide every later arrival behind
+# it, so beyond a few minutes of clock difference it is left out.
+LAST_ARRIVAL = """
+SELECT now() - received_at AS age FROM dt_events
+WHERE source = 'connector' AND event_time <= now() + interval '5 minutes'
+ORDER BY event_time DESC LIMIT 1
 """
 
 
@@ -87,6 +99,12 @@ class EventStore:
         except UnavailableError as error:
             return str(error)
         return None if may_insert else "database refuses new events: permission denied (is the plan full?)"
+
+    def last_arrival(self, wait_seconds: float) -> timedelta | None:
+        """Return how long ago the newest pushed event arrived, None if none has; raise UnavailableError if unsure."""
+        with self._connection(wait_seconds) as connection:
+            row = connection.execute(LAST_ARRIVAL).fetchone()
+        return row[0] if row else None
 
     def note_fault(self, fault: str) -> None:
         """Remember why the database cannot be used; until the table is ready, log each new cause once."""

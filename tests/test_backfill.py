@@ -488,7 +488,7 @@ def test_status_shows_newest_counts_silent_devices_and_backfilled(make_app, data
     [arrived] = [row["received_at"] for row in rows(database_url) if row["event_id"] == live[-1]["eventId"]]
     newest_silent = datetime.fromisoformat(silent[0]["timestamp"])
     lines = result.stdout.splitlines()
-    assert lines[:-1] == [
+    assert lines[:-2] == [
         f"newest event: {newest:%Y-%m-%d %H:%M:%S} UTC (temperature, device emulive), arrived {arrived:%Y-%m-%d %H:%M:%S} UTC",
         "  temperature: 5 in the last hour, 5 in the last day",
         "  touch: 0 in the last hour, 4 in the last day",
@@ -496,6 +496,7 @@ def test_status_shows_newest_counts_silent_devices_and_backfilled(make_app, data
         f"  emusilent: newest {newest_silent:%Y-%m-%d %H:%M} UTC, usually every 15 min",
         "backfilled: 18 of the 23 events of the last 7 days came from DT's history",
     ]
+    assert re.fullmatch(r"last event from the Data Connector: arrived \d+ s ago", lines[-2])  # the pushed ones
     assert re.fullmatch(r"size: events table \d+\.\d MB, database \d+\.\d MB", lines[-1])
 
 

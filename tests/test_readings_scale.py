@@ -1,0 +1,161 @@
+"""dt_readings and `export` on 100,000 events: the documented queries' plans, and export's memory and time."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from helpers import ROOT
+from receiver.schema import migrate
+from receiver.store import LAST_ARRIVAL
+
+EVENTS = 100_000
+# Half heartbeats (two readings each), a quarter temperatures (three samples each), an eighth touches and an
+# eighth door contacts: 200,000 readings, over 30 days of 100 devices.
+READINGS = 200_000
+README_DEVICE = "emuc2f3h2lbr9a5ks2vncg0"  # a temperature sensor here, as in docs/database.md
+# Export's peak memory may grow by at most this much between a tenth of the window and all of it.
+MOST_MEMORY_GROWTH_MB = 10
+
+STAMP = """to_char((%s) AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
+SEED = f"""
+INSERT INTO dt_events (event_id, device_id, event_type, event_time, event)
+SELECT 'scale-' || n, device, kind, at, jsonb_build_object(
+    'event', jsonb_build_object('eventId', 'scale-' || n, 'targetName', 'projects/c0md3mm0c7bet3vico8g/devices/' || device,
+                                'eventType', kind, 'data', jsonb_build_object(kind, data), 'timestamp', stamp),
+    'labels', jsonb_build_object('name', 'Sensor ' || n %% 100),
+    'metadata', jsonb_build_object('deviceId', device, 'projectId', 'c0md3mm0c7bet3vico8g', 'deviceType', kind))::text
+FROM generate_series(1, %(events)s) AS n
+CROSS JOIN LATERAL (SELECT CASE WHEN n %% 100 = 1 THEN '{README_DEVICE}'
+                                ELSE 'emuscale' || lpad((n %% 100)::text, 3, '0') END AS device,
+                           CASE WHEN n / 100 %% 2 = 0 THEN 'networkStatus'
+                                ELSE (ARRAY['touch', 'temperature', 'contact', 'temperature'])[n %% 4 + 1] END AS kind,
+                           now() - n * interval '26 seconds' AS at) AS chosen
+CROSS JOIN LATERAL (SELECT {STAMP % "at"} AS stamp) AS stamped
+CROSS JOIN LATERAL (SELECT CASE kind
+    WHEN 'networkStatus' THEN jsonb_build_object('signalStrength', 40 + n %% 50, 'rssi', -50 - n %% 40,
+                                                 'updateTime', stamp, 'transmissionMode', 'LOW_POWER_STANDARD_MODE')
+    WHEN 'temperature' THEN jsonb_build_object('value', 21.5, 'updateTime', stamp, 'isBackfilled', false, 'samples',
+        jsonb_build_array(jsonb_build_object('value', 21.5, 'sampleTime', stamp),
+                          jsonb_build_object('value', 21.25, 'sampleTime', {STAMP % "at - interval '5 minutes'"}),
+                          jsonb_build_object('value', 21.0, 'sampleTime', {STAMP % "at - interval '10 minutes'"})))
+    WHEN 'contact' THEN jsonb_build_object('state', CASE WHEN n %% 3 = 0 THEN 'OPEN' ELSE 'CLOSED' END, 'updateTime', stamp)
+    ELSE jsonb_build_object('updateTime', stamp) END AS data) AS shaped
+"""
+
+
+@pytest.fixture(scope="module")
+def scale_table(postgres) -> str:
+    """Return the URL of a database holding 100,000 events that give 200,000 readings, analyzed."""
+    with psycopg.connect(postgres.url(), autocommit=True) as connection:
+        connection.execute("CREATE DATABASE t_readings_scale")
+    url = postgres.url("t_readings_scale")
+    with psycopg.connect(url, autocommit=True) as connection:
+        migrate(connection)
+        connection.execute(SEED, {"events": EVENTS})
+        connection.execute("VACUUM ANALYZE dt_events")
+    return url
+
+
+def documented_queries() -> list[str]:
+    """Return docs/database.md's readings queries (its second sql block), its fixed day moved to the last day."""
+    examples = re.findall(r"```sql\n(.*?)```", (ROOT / "docs" / "database.md").read_text(), re.DOTALL)[1]
+    examples = examples.replace("'2026-11-20'", "now() - interval '1 day'").replace("'2026-11-21'", "now()")
+    return [query for query in examples.split(";") if query.strip()]
+
+
+def plan_nodes(plan: dict) -> Iterator[dict]:
+    """Yield every node of an EXPLAIN plan, top first."""
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from plan_nodes(child)
+
+
+def plan_outline(plan: dict, depth: int = 0) -> str:
+    """Return an EXPLAIN ANALYZE plan as indented lines of node, index, relation or function, and rows."""
+    line = "  " * depth + plan["Node Type"]
+    if "Index Name" in plan:
+        line += f" using {plan['Index Name']}"
+    if "Relation Name" in plan or "Function Name" in plan:
+        line += f" on {plan.get('Relation Name') or plan['Function Name']}"
+    if plan.get("Parent Relationship") == "InitPlan":
+        line += f" ({plan['Subplan Name']})"
+    line += f": {plan['Actual Rows'] * plan['Actual Loops']} rows"
+    return "\n".join([line] + [plan_outline(child, depth + 1) for child in plan.get("Plans", [])])
+
+
+# Each documented query: its place in the block, the index it must use, and how many rows it finds in the seed:
+# 16 or 17 temperature events of three samples a day; all 25 door sensors; 24 hours, and the ends of two more.
+DOCUMENTED = {"a device's temperatures over a day": (0, "dt_events_device_time", range(48, 52)),
+              "the latest state of every door": (1, "dt_events_time", range(25, 26)),
+              "touches per hour over a day": (2, "dt_events_time", range(24, 27))}
+
+
+@pytest.mark.parametrize("number, index, rows", DOCUMENTED.values(), ids=DOCUMENTED.keys())
+def test_documented_readings_query_reads_dt_events_through_its_index(scale_table, number, index, rows, capsys, request):
+    """Each query docs/database.md shows for dt_readings reads dt_events through an index, never the whole table,
+    and finds what the 100,000 events hold."""
+    query = documented_queries()[number]
+    with psycopg.connect(scale_table) as connection:
+        [[[explained]]] = connection.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + query).fetchall()
+        found = connection.execute(query).fetchall()
+    plan = explained["Plan"]
+    with capsys.disabled():
+        print(f"\n{request.node.callspec.id} ({explained['Execution Time']:.0f} ms):\n{plan_outline(plan)}")
+    scans = [node for node in plan_nodes(plan) if node.get("Relation Name") == "dt_events"]
+    assert scans and all(node["Node Type"] != "Seq Scan" for node in scans), plan_outline(plan)
+    assert index in {node.get("Index Name") for node in plan_nodes(plan)}, plan_outline(plan)
+    assert len(found) in rows, found
+
+
+# `python -m flask`, which writes its own peak memory (VmHWM, kB) to PEAK_FILE as it exits. The kernel's
+# ru_maxrss would not do: a child's counts the memory of the (large) test process it was forked from.
+FLASK_WITH_PEAK = ("import atexit, os, runpy, sys; atexit.register(lambda: open(os.environ['PEAK_FILE'], 'w').write("
+                   "open('/proc/self/status').read().split('VmHWM:')[1].split()[0])); sys.argv[0] = 'flask'; "
+                   "runpy.run_module('flask', run_name='__main__', alter_sys=True)")
+
+
+def measured(arguments: list[str], out: Path, database_url: str) -> tuple[float, float, str]:
+    """Run `flask --app app` with these arguments, stdout to a file, as `heroku run ... > file` does; return its
+    peak memory (RSS) in MB, its seconds and what it wrote on stderr."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("DT_", "DATABASE_"))},
+           "DATABASE_URL": database_url, "PEAK_FILE": str(out.with_suffix(".peak"))}
+    started = time.monotonic()
+    with open(out, "wb") as stdout:
+        completed = subprocess.run([sys.executable, "-c", FLASK_WITH_PEAK, "--app", "app", *arguments], cwd=ROOT,
+                                   env=env, stdout=stdout, stderr=subprocess.PIPE, timeout=120)
+    seconds = time.monotonic() - started
+    assert completed.returncode == 0, completed.stderr
+    return int(out.with_suffix(".peak").read_text()) / 1024, seconds, completed.stderr.decode()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("output_format, lines", [("csv", READINGS + 1), ("jsonl", EVENTS)])
+def test_export_memory_stays_flat_over_200000_readings(scale_table, tmp_path, output_format, lines, capsys):
+    """Exporting all 200,000 readings (or 100,000 bodies) takes no more memory than exporting a tenth of them:
+    rows stream from a server-side cursor to stdout."""
+    small = measured(["export", "--format", output_format, "--since", "3d"], tmp_path / "small", scale_table)
+    whole = measured(["export", "--format", output_format, "--since", "31d"], tmp_path / "whole", scale_table)
+    written = (tmp_path / "whole").stat().st_size / 1e6
+    with capsys.disabled():
+        print(f"\nexport --format {output_format}: a tenth of the window {small[0]:.1f} MB peak RSS, {small[1]:.1f} s; "
+              f"all of it {whole[0]:.1f} MB, {whole[1]:.1f} s, {written:.1f} MB written; {whole[2].splitlines()[-1]}")
+    assert (tmp_path / "whole").read_bytes().count(b"\n") == lines
+    assert whole[0] - small[0] < MOST_MEMORY_GROWTH_MB, (small, whole)
+
+
+def test_last_arrival_reads_a_few_index_entries_backwards(scale_table):
+    """The age /health and `status` report comes from dt_events_time read backwards, with no sort and no table scan."""
+    with psycopg.connect(scale_table) as connection:
+        [[[explained]]] = connection.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + LAST_ARRIVAL).fetchall()
+    nodes = list(plan_nodes(explained["Plan"]))
+    assert [node["Node Type"] for node in nodes] == ["Limit", "Index Scan"], plan_outline(explained["Plan"])
+    assert (nodes[1]["Index Name"], nodes[1]["Scan Direction"]) == ("dt_events_time", "Backward")
+    pages = explained["Plan"]["Shared Hit Blocks"] + explained["Plan"]["Shared Read Blocks"]
+    assert nodes[1]["Actual Rows"] == 1 and pages < 10, pages
