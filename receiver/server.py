@@ -56,17 +56,20 @@ def library_problem_of_a_child():
 
 def post_worker_init(worker):
     """Open the worker's database pool and check the schema, in the background, as the worker starts."""
-    store = worker.wsgi.extensions["receiver"].store
-    if store is not None:
+    if (store := worker_store(worker)) is not None:
         store.start()
 
 
 def worker_exit(server, worker):
     """Close the worker's database pool while gevent still runs, so its threads end without a traceback."""
-    wsgi = getattr(worker, "wsgi", None)
-    store = wsgi.extensions["receiver"].store if wsgi is not None else None
-    if store is not None:
+    if (store := worker_store(worker)) is not None:
         store.close()
+
+
+def worker_store(worker):
+    """Return the store of the worker's app, if it is the receiver and keeps events (the benchmark's ceiling is not)."""
+    parts = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("receiver")
+    return parts.store if parts is not None else None
 
 
 def post_request(worker, req, environ, resp):
