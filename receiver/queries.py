@@ -8,11 +8,10 @@ from datetime import datetime
 import psycopg
 from psycopg.rows import dict_row, tuple_row
 
-from .batches import insert_keeping_odd_text
 from .events import parse_event
 from .logs import database_fault
 from .schema import migrate
-from .store import LAST_ARRIVAL, connection_options
+from .store import LAST_ARRIVAL, connection_options, insert_keeping_odd_text
 
 HISTORY_BATCH = 1000
 PRUNE_BATCH = 5000

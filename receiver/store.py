@@ -13,7 +13,6 @@ from datetime import timedelta
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from . import batches
 from .errors import ConfigError, UnavailableError
 from .events import Event
 from .logs import database_fault
@@ -33,6 +32,12 @@ RECONNECT_SECONDS = 2
 # At start, until the table is ready, the schema check is retried this often.
 PREPARE_RETRY_SECONDS = 2
 
+# A pushed event: its source is the column's default, 'connector'.
+INSERT = """
+INSERT INTO dt_events (event_id, device_id, event_type, event_time, event)
+VALUES (%s, %s, %s, COALESCE(%s, now()), %s)
+ON CONFLICT (event_id) DO NOTHING
+"""
 
 # How long ago the newest event the Data Connector pushed arrived (nothing if none ever did), for /health
 # and `status`. Newest by event_time, which dt_events_time serves backwards from its end (received_at has
@@ -59,7 +64,6 @@ class EventStore:
         self._closed = threading.Event()
         self.last_fault = "its first check has not finished"
         self._reporting = threading.Lock()
-        self._queue = batches.CommitQueue()
 
     def start(self) -> None:
         """Open the pool and check the schema in the background; the caller does not wait."""
@@ -81,36 +85,10 @@ class EventStore:
         threading.Thread(target=self._prepare, name="dt_events schema", daemon=True).start()
 
     def save(self, event: Event, wait_seconds: float) -> bool:
-        """Commit the event, with the other deliveries' rows waiting then, in one statement; False if stored before.
-
-        Whichever delivery holds a connection writes every row queued meanwhile: a row alone is written at
-        once, never held for others, and a busy worker commits many rows in one round trip.
-        """
-        give_up_at = time.monotonic() + wait_seconds
-        pending = self._queue.add((event.event_id, event.device_id, event.event_type, event.time, event.text))
-        try:
-            with self._connection(wait_seconds) as connection:
-                while not pending.taken:
-                    self._write_next_batch(connection)
-        except BaseException:
-            self._queue.withdraw(pending)
-            raise
-        if not pending.done.wait(max(0.0, give_up_at - time.monotonic())):
-            raise UnavailableError("database unavailable: timeout")
-        if pending.error is not None:
-            raise pending.error
-        return pending.new
-
-    def _write_next_batch(self, connection: psycopg.Connection) -> None:
-        batch = self._queue.take()
-        try:
-            batches.write(connection, batch)
-        except psycopg.Error as error:
-            batches.fail_unfinished(batch, UnavailableError(f"database error: {database_fault(error)}"))
-            raise
-        except BaseException:  # the writer's own deadline, say: the row may or may not be committed
-            batches.fail_unfinished(batch, UnavailableError("database unavailable: its write was cut short"))
-            raise
+        """Commit the event; return False if it was stored before."""
+        row = (event.event_id, event.device_id, event.event_type, event.time, event.text)
+        with self._connection(wait_seconds) as connection:
+            return insert_keeping_odd_text(connection, INSERT, row) == 1
 
     def check(self, wait_seconds: float) -> str | None:
         """Return None if the database answers a query within the wait, else why not."""
@@ -193,6 +171,24 @@ class FaultNamingConnection(psycopg.Connection):
             if cls.store is not None:
                 cls.store.note_fault(database_fault(error))
             raise
+
+
+def insert_keeping_odd_text(connection: psycopg.Connection, query: str, params) -> int:
+    """Run an insert and return its row count; if a NUL or a lone surrogate in a key column stops it, run it
+    again with those written as JSON escapes, so that an authentic event is kept all the same."""
+    try:
+        return connection.execute(query, params).rowcount
+    except (psycopg.DataError, UnicodeEncodeError):
+        return connection.execute(query, escaped(params)).rowcount
+
+
+def escaped(value):
+    """Return text (also inside lists and tuples) with NULs and lone surrogates as JSON escapes; the rest as it is."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(map(escaped, value))
+    if not isinstance(value, str):
+        return value
+    return value.replace("\x00", "\\u0000").encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def connection_options(database_url: str) -> dict:

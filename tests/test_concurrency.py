@@ -119,21 +119,3 @@ def test_stalled_key_endpoint_is_answered_in_time_and_fetched_again_later(start_
     issuer.trickle = 0
     time.sleep(RETRY_SECONDS + 0.5)
     assert burst(server, asymmetric(issuer, "k1", count=8)) == [(200, "logged\n")] * 8
-
-
-def test_deliveries_arriving_together_are_committed_together_each_once(start_server, database_url):
-    """64 deliveries at once, some the same event and one with a NUL, share commits; each event is stored once."""
-    server = start_server(DT_SIGNATURE_SECRET=SECRET, DATABASE_URL=database_url, WEB_CONCURRENCY="1")
-    assert server.post(*signed_delivery())[0] == 200  # the pool is open and the table ready
-    events = [sample_event(event_id=f"together-{n % 48}") for n in range(63)]
-    events.append(sample_event(event_id="together-\u0000nul"))  # PostgreSQL's text refuses a NUL in the id column
-    answers = burst(server, [signed_delivery(event) for event in events])
-
-    assert sorted(answers) == sorted([(200, "stored\n")] * 49 + [(200, "duplicate\n")] * 15)
-    with psycopg.connect(database_url) as connection:
-        rows = dict(connection.execute("SELECT event_id, event FROM dt_events WHERE event_id LIKE 'together-%'"))
-        # A row's xmin is the transaction that inserted it: rows waiting together went in shared commits.
-        [(transactions,)] = connection.execute(
-            "SELECT count(DISTINCT xmin::text) FROM dt_events WHERE event_id LIKE 'together-%'")
-    assert len(rows) == 49 and '"eventId":"together-\\u0000nul"' in rows["together-\\u0000nul"]
-    assert transactions < len(rows) / 2, transactions
