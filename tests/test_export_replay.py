@@ -10,9 +10,10 @@ import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from support.dt_api import rfc3339_ns
+from support.server import ROOT
+from support.signing import SECRET, signed_delivery
 
-from dt_api import rfc3339_ns
-from helpers import ROOT, SECRET, signed_delivery
 from receiver import on_event, queries
 from receiver.sample import encode_body, sample_event, sign_body
 

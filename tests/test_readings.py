@@ -7,9 +7,9 @@ import psycopg
 import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
+from support.dt_api import PROJECT, rfc3339_ns
+from support.signing import SECRET, signed_delivery
 
-from dt_api import PROJECT, rfc3339_ns
-from helpers import SECRET, signed_delivery
 from receiver.sample import encode_body, sign_body
 from receiver.schema import VERSION, migrate
 

@@ -1,17 +1,16 @@
 """dt_readings and `export` on 100,000 events: the documented queries' plans, and export's memory and time."""
 
 import os
-import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+from support.docs import documented_queries, plan_nodes
+from support.server import ROOT
 
-from helpers import ROOT
 from receiver.schema import migrate
 from receiver.store import LAST_ARRIVAL
 
@@ -63,20 +62,6 @@ def scale_table(postgres) -> str:
     return url
 
 
-def documented_queries() -> list[str]:
-    """Return docs/database.md's readings queries (its second sql block), its fixed day moved to the last day."""
-    examples = re.findall(r"```sql\n(.*?)```", (ROOT / "docs" / "database.md").read_text(), re.DOTALL)[1]
-    examples = examples.replace("'2026-11-20'", "now() - interval '1 day'").replace("'2026-11-21'", "now()")
-    return [query for query in examples.split(";") if query.strip()]
-
-
-def plan_nodes(plan: dict) -> Iterator[dict]:
-    """Yield every node of an EXPLAIN plan, top first."""
-    yield plan
-    for child in plan.get("Plans", []):
-        yield from plan_nodes(child)
-
-
 def plan_outline(plan: dict, depth: int = 0) -> str:
     """Return an EXPLAIN ANALYZE plan as indented lines of node, index, relation or function, and rows."""
     line = "  " * depth + plan["Node Type"]
@@ -101,7 +86,7 @@ DOCUMENTED = {"a device's temperatures over a day": (0, "dt_events_device_time",
 def test_documented_readings_query_reads_dt_events_through_its_index(scale_table, number, index, rows, capsys, request):
     """Each query docs/database.md shows for dt_readings reads dt_events through an index, never the whole table,
     and finds what the 100,000 events hold."""
-    query = documented_queries()[number]
+    query = documented_queries(1)[number]
     with psycopg.connect(scale_table) as connection:
         [[[explained]]] = connection.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + query).fetchall()
         found = connection.execute(query).fetchall()

@@ -6,9 +6,10 @@ from datetime import datetime, timedelta, timezone
 
 import psycopg
 import pytest
+from support.dt_api import history_event
+from support.server import ROOT, Server, procfile_command
+from support.signing import SECRET, signed_delivery
 
-from dt_api import history_event
-from helpers import ROOT, SECRET, Server, procfile_command, signed_delivery
 from receiver import queries
 from receiver.durations import describe_age, parse_duration
 from receiver.sample import sample_event

@@ -19,6 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg import sql
+from support.docs import documented_queries, plan_nodes
 from support.postgres import database_name, own_role
 from support.server import ROOT
 from support.signing import SECRET, signed_delivery
@@ -181,13 +182,6 @@ def large_table(postgres):
     return url
 
 
-def readme_queries() -> list[str]:
-    """Return the README's example queries, its fixed day moved to the seeded data's last day."""
-    examples = re.search(r"```sql\n(.*?)```", (ROOT / "docs" / "database.md").read_text(), re.DOTALL).group(1)
-    examples = examples.replace("'2026-11-20'", "now() - interval '1 day'").replace("'2026-11-21'", "now()")
-    return [query for query in examples.split(";") if query.strip()]
-
-
 LATEST = {"device": None, "type": None, "since": None, "limit": 20}
 # Each documented query, its parameters, the indexes that must serve it, and whether a LIMIT must be
 # fed in order by the index itself (no Sort of every matching row for the newest 20).
@@ -206,13 +200,6 @@ DOCUMENTED_QUERIES = {
 }
 
 
-def plan_nodes(plan: dict) -> Iterator[dict]:
-    """Yield every node of an EXPLAIN plan, top first."""
-    yield plan
-    for child in plan.get("Plans", []):
-        yield from plan_nodes(child)
-
-
 def plan_outline(plan: dict, depth: int = 0) -> str:
     """Return an EXPLAIN plan as indented lines of node, direction, index and table."""
     line = "  " * depth + plan["Node Type"]
@@ -228,7 +215,7 @@ def plan_outline(plan: dict, depth: int = 0) -> str:
 @pytest.mark.parametrize("query, params, indexes, ordered", DOCUMENTED_QUERIES.values(), ids=DOCUMENTED_QUERIES.keys())
 def test_documented_query_is_served_by_an_index(large_table, query, params, indexes, ordered, capsys, request):
     """Each documented query reads the events table through its index, never by scanning the whole table."""
-    query = readme_queries()[query] if isinstance(query, int) else query
+    query = documented_queries(0)[query] if isinstance(query, int) else query
     before = datetime.now(timezone.utc) - timedelta(days=30)
     params = {"prune": (before, queries.PRUNE_BATCH), "before": (before,)}[params] if isinstance(params, str) else params
     with psycopg.connect(large_table, autocommit=True) as connection, connection.transaction():

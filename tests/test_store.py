@@ -1,7 +1,6 @@
 """The Postgres sink against a real server: rows, duplicates, outages and crashes."""
 
 import json
-import re
 import signal
 import time
 import urllib.error
@@ -10,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
-from support.server import ROOT
+from support.docs import documented_queries
 from support.signing import SECRET, signed_delivery
 
 from receiver.sample import encode_body, sample_event, sign_body
@@ -231,8 +230,7 @@ def test_readme_example_queries_run(make_app, database_url):
     client = make_app(DATABASE_URL=database_url).test_client()
     for event_type in ("temperature", "touch", "temperature"):
         client.post("/", data=(delivery := signed_delivery(sample_event(event_type)))[0], headers=delivery[1])
-    examples = re.search(r"```sql\n(.*?)```", (ROOT / "docs" / "database.md").read_text(), re.DOTALL).group(1)
-    examples = examples.replace("'2026-11-20'", "now() - interval '1 day'").replace("'2026-11-21'", "now() + interval '1 day'")
-    latest_per_type, one_day = [rows(database_url, query) for query in examples.split(";") if query.strip()]
+    queries = documented_queries(0, until="now() + interval '1 day'")
+    latest_per_type, one_day = [rows(database_url, query) for query in queries]
     assert sorted(row["event_type"] for row in latest_per_type) == ["temperature", "touch"]
     assert [row["celsius"] for row in one_day] == [21.45, 21.45]

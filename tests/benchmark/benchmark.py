@@ -48,11 +48,12 @@ import psycopg
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent.parent), str(HERE.parent)]  # the receiver, and the tests' support modules
-from receiver.sample import encode_body, sample_event, sign_body  # noqa: E402
-from receiver.webhook import MAX_BODY_BYTES  # noqa: E402
 from support.postgres import PostgresServer, server_programs  # noqa: E402
 from support.server import ROOT, Server  # noqa: E402
 from support.signing import SECRET  # noqa: E402
+
+from receiver.sample import encode_body, sample_event, sign_body  # noqa: E402
+from receiver.webhook import MAX_BODY_BYTES  # noqa: E402
 
 SERVER_CORE, LOAD_CORE = "0", "1"
 DATABASE_CORE = LOAD_CORE  # on Heroku the database is another machine: keep it off the server's core

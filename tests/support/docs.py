@@ -1,0 +1,20 @@
+"""The SQL that docs/database.md shows, read from the page itself so the tests run what readers copy."""
+
+import re
+
+from .server import ROOT
+
+
+def documented_queries(block: int, until: str = "now()") -> list[str]:
+    """Return the queries of a ```sql block of docs/database.md (0: the events table's, 1: the readings'),
+    their fixed day moved to the day before `until`."""
+    examples = re.findall(r"```sql\n(.*?)```", (ROOT / "docs" / "database.md").read_text(), re.DOTALL)[block]
+    examples = examples.replace("'2026-11-20'", "now() - interval '1 day'").replace("'2026-11-21'", until)
+    return [query for query in examples.split(";") if query.strip()]
+
+
+def plan_nodes(plan: dict):
+    """Yield every node of an EXPLAIN plan, top first."""
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from plan_nodes(child)
