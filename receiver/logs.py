@@ -19,6 +19,8 @@ DATABASE_FAULTS = (
     (re.compile(r"SSL (?:error|SYSCALL|connection)|server does not support SSL|SSL negotiation"),
      lambda _: "SSL negotiation failed"),
     (re.compile(r"too many connections|remaining connection slots"), lambda _: "too many connections"),
+    (re.compile(r"server closed the connection|the connection is lost|terminating connection"),
+     lambda _: "connection lost"),
     (re.compile(r"the database system is (shutting down|starting up|in recovery mode|not yet accepting)"),
      lambda match: f"database {match[1]}"),
     (re.compile(r"permission denied"), lambda _: "permission denied"),

@@ -120,7 +120,8 @@ def test_events_command_without_database_says_so(runner):
 
 
 # What a delivery is told while the database is down: a pooled connection the shutdown ended, or no connection to be had.
-OUTAGE_REASONS = {"database error: AdminShutdown", "database unavailable: connection refused",
+OUTAGE_REASONS = {"database error: AdminShutdown", "database error: connection lost",
+                  "database unavailable: connection refused",
                   "database unavailable: database shutting down", "database unavailable: database starting up"}
 
 
