@@ -430,6 +430,7 @@ def transactions(database_url: str) -> int:
     raise AssertionError(f"transaction counts did not settle: {counts}")
 
 
+@pytest.mark.slow
 def test_backfilling_many_events_takes_seconds_in_few_round_trips(make_app, database_url, capsys):
     """100,000 events from 50 devices are stored within 40 s, in about one statement per thousand events."""
     stand_in = DTApi()

@@ -88,6 +88,7 @@ def test_deliveries_arriving_together_while_the_issuer_answers_slowly_are_all_ac
     assert issuer.fetches == 1
 
 
+@pytest.mark.slow
 def test_key_rotation_and_issuer_outage_with_deliveries_arriving_together(start_server, issuer):
     """Bursts at a start, of forged key ids, of a new key during an outage, and after it: one fetch each, none refused."""
     server = asymmetric_server(start_server, issuer, WEB_CONCURRENCY="1")

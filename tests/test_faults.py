@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+import pytest
 from support.blackhole import Blackhole
 from support.issuer import ORGANIZATION_ID, FakeClock
 from support.signing import SECRET, signed_delivery
@@ -208,6 +209,7 @@ def rounded(recovery: dict[int, float]) -> list[float]:
     return sorted(round(seconds, 2) for seconds in recovery.values())
 
 
+@pytest.mark.slow
 def test_frozen_database_answers_in_time_and_stores_each_event_once(start_server, postgres, database_url, capsys):
     """With PostgreSQL frozen, every answer comes within 8 s, each worker stores within 5 s of the thaw, each event once."""
     server = start_server(DT_SIGNATURE_SECRET=SECRET, DATABASE_URL=database_url)
@@ -224,6 +226,7 @@ def test_frozen_database_answers_in_time_and_stores_each_event_once(start_server
     assert_stored_once(server, database_url, connector.event_ids())
 
 
+@pytest.mark.slow
 def test_silent_network_answers_in_time_and_recovers(start_server, postgres, database_url, capsys):
     """With the database's network silent, every answer comes within 8 s and each worker stores within 5 s of its return."""
     link = Blackhole("127.0.0.1", postgres.port)
@@ -243,6 +246,7 @@ def test_silent_network_answers_in_time_and_recovers(start_server, postgres, dat
         link.close()
 
 
+@pytest.mark.slow
 def test_every_worker_stores_within_5_s_of_the_database_coming_back(start_server, postgres, database_url, capsys):
     """After 20 s with the database stopped (connections refused), each worker stores within 5 s of its return."""
     server = start_server(DT_SIGNATURE_SECRET=SECRET, DATABASE_URL=database_url)
@@ -321,6 +325,7 @@ def test_slow_clients_leave_deliveries_fast(start_server, capsys):
     assert {(answer.status, answer.text) for answer in answers} == {(200, "logged\n")}
 
 
+@pytest.mark.slow
 def test_locked_table_during_reconnects_does_not_stop_deliveries(start_server, database_url, capsys):
     """Under a maintenance lock on dt_events, reconnects and a new worker's schema check leave deliveries storing in time."""
     server = start_server(DT_SIGNATURE_SECRET=SECRET, DATABASE_URL=database_url)

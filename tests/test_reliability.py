@@ -10,6 +10,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
+import pytest
 from support.signing import SECRET, signed_delivery
 
 from receiver.sample import sample_event
@@ -94,6 +95,7 @@ def make_trouble(server, postgres, until: threading.Event) -> list[str]:
         done.append(name)
 
 
+@pytest.mark.slow
 def test_every_event_stored_exactly_once_through_restarts(start_server, postgres, database_url, capsys):
     """Thousands of events, delivered with retries through restarts and crashes, are all stored once."""
     server = start_server(DT_SIGNATURE_SECRET=SECRET, DATABASE_URL=database_url)

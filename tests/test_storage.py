@@ -146,6 +146,7 @@ def children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_stored_event_takes_at_most_850_bytes(make_app, database_url, capsys):
     """A delivered sample temperature event takes at most 850 bytes on disk, table, TOAST and indexes together."""
     client = make_app(DATABASE_URL=database_url).test_client()
