@@ -1,5 +1,6 @@
 """DT's published signing keys: one fetch at a time, shared by every delivery that needs it, kept through outages."""
 
+import http.client
 import json
 import logging
 import threading
@@ -88,7 +89,7 @@ class SigningKeys:
         attempted_at = self._attempted_at
         try:
             keys = fetch_signing_keys(self.issuer, time.monotonic() + FETCH_SECONDS)
-        except (OSError, ValueError, jwt.PyJWTError) as error:
+        except (OSError, ValueError, http.client.HTTPException, jwt.PyJWTError) as error:
             # The keys fetched before, if any, stay in use through the outage.
             self._last_failed = True
             log.warning("could not fetch DT's signing keys", extra={"fields": {"error": type(error).__name__}})
