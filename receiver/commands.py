@@ -100,19 +100,14 @@ def events(device: str | None, event_type: str | None, since: datetime | None, l
 
 
 @click.command("backfill")
-@click.option("--since", type=Moment(), required=True, help="Start of the window: RFC 3339, or 36h, 3d back from now.")
-@click.option("--until", type=Moment(), help="End of the window (default: now).")
+@window_options
 @click.option("--project", "projects", multiple=True,
               help="A project id (repeatable; default: every one the account sees).")
-@click.option("--device", "devices", multiple=True, help="Only this device id (repeatable).")
-@click.option("--type", "event_types", multiple=True, help="Only this event type (repeatable).")
 @with_appcontext
-def backfill(since: datetime, until: datetime | None, projects: tuple[str, ...], devices: tuple[str, ...],
-             event_types: tuple[str, ...]) -> None:
+def backfill(since: datetime, until: datetime | None, devices: tuple[str, ...], event_types: tuple[str, ...],
+             projects: tuple[str, ...]) -> None:
     """Store the events DT's history holds for a window that are not stored yet (after an outage)."""
-    until = until or datetime.now(UTC)
-    if since >= until:
-        raise click.BadParameter("--since must be before --until", param_hint="--since")
+    until = window_end(since, until)
     started = time.monotonic()
     tally = {"devices": 0, "fetched": 0, "new": 0}
     with database() as connection, dt_account() as (rest_api, account):
@@ -234,10 +229,16 @@ def hand_over(body: str) -> str | None:
 def window_params(since: datetime, until: datetime | None, devices: tuple[str, ...],
                   event_types: tuple[str, ...]) -> dict:
     """Return a window's query parameters (until defaults to now), or stop if it ends before it starts."""
+    return {"since": since, "until": window_end(since, until), "devices": list(devices) or None,
+            "types": list(event_types) or None}
+
+
+def window_end(since: datetime, until: datetime | None) -> datetime:
+    """Return the window's end (default: now), or stop with one line if it is not after the start."""
     until = until or datetime.now(UTC)
     if since >= until:
         raise click.BadParameter("--since must be before --until", param_hint="--since")
-    return {"since": since, "until": until, "devices": list(devices) or None, "types": list(event_types) or None}
+    return until
 
 
 def describe_window(window: dict) -> str:
