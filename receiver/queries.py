@@ -122,7 +122,7 @@ def add_history(connection: psycopg.Connection, events: Iterable[dict]) -> int:
         columns = [[event.event_id for event in parsed], [event.device_id for event in parsed],
                    [event.event_type for event in parsed], [event.time for event in parsed],
                    [event.text for event in parsed]]
-        added += insert_keeping_odd_text(connection, INSERT_HISTORY, columns)
+        added += insert_keeping_odd_text(connection, INSERT_HISTORY, columns).rowcount
     return added
 
 

@@ -1,0 +1,100 @@
+"""Group commit: the rows deliveries hand over while a write is in flight go together in the next one."""
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from .errors import UnavailableError
+
+log = logging.getLogger("receiver")
+
+# Bounds on one statement, so that a backlog arriving at once cannot build a write the statement timeout cuts short.
+MAX_ROWS = 500
+MAX_BYTES = 8 * 1024 * 1024
+
+# write(rows, seconds) commits the rows within the seconds and returns, for each, whether it is new.
+Write = Callable[[list[tuple], float], list[bool]]
+
+
+class Batch:
+    """Rows written in one statement and one commit, and what became of them."""
+
+    def __init__(self):
+        self.rows: list[tuple] = []
+        self.size = 0
+        self.give_up_at = 0.0  # when the last of its deliveries stops waiting
+        self.written = threading.Event()
+        self.new: list[bool] = []
+        self.error: UnavailableError | None = None
+
+    def has_room(self, size: int) -> bool:
+        """Tell whether a row of this many bytes may still join."""
+        return not self.rows or (len(self.rows) < MAX_ROWS and self.size + size <= MAX_BYTES)
+
+
+class GroupCommit:
+    """One writer per process: it writes whatever is waiting as soon as its last write has ended, never on a timer."""
+
+    def __init__(self, write: Write):
+        self._write = write
+        self._waiting: deque[Batch] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._started = False
+        self._closed = False
+
+    def save(self, row: tuple, size: int, wait_seconds: float) -> bool:
+        """Hand over a row and wait for its commit; return whether it is new, or raise UnavailableError."""
+        with self._lock:
+            if not self._started:
+                threading.Thread(target=self._run, name="dt_events writer", daemon=True).start()
+                self._started = True
+            if not self._waiting or not self._waiting[-1].has_room(size):
+                self._waiting.append(Batch())
+            batch = self._waiting[-1]
+            index = len(batch.rows)
+            batch.rows.append(row)
+            batch.size += size
+            batch.give_up_at = max(batch.give_up_at, time.monotonic() + wait_seconds)
+        self._wake.set()
+        # If the wait ends first, the row may still be committed: DT's retry then finds it a duplicate.
+        if not batch.written.wait(wait_seconds):
+            raise UnavailableError("database unavailable: timeout")
+        if batch.error is not None:
+            raise batch.error
+        return batch.new[index]
+
+    def close(self) -> None:
+        """Let the writer end once it has written what waits."""
+        self._closed = True
+        self._wake.set()
+
+    def _run(self) -> None:
+        """Write the waiting batches in turn, then sleep until a row arrives."""
+        while not self._closed:
+            self._wake.wait()
+            self._wake.clear()
+            while batch := self._next():
+                self._commit(batch)
+
+    def _next(self) -> Batch | None:
+        """Take the oldest waiting batch; rows that arrive from now on start a new one."""
+        with self._lock:
+            return self._waiting.popleft() if self._waiting else None
+
+    def _commit(self, batch: Batch) -> None:
+        """Write one batch and tell its deliveries; a batch none of them still waits for is left out."""
+        try:
+            seconds = batch.give_up_at - time.monotonic()
+            if seconds <= 0:
+                raise UnavailableError("database unavailable: timeout")
+            batch.new = self._write(batch.rows, seconds)
+        except UnavailableError as error:
+            batch.error = error
+        except Exception as error:  # the writer must outlive any one batch
+            log.error("writing events failed", extra={"fields": {"error": type(error).__name__}})
+            batch.error = UnavailableError(f"database error: {type(error).__name__}")
+        finally:
+            batch.written.set()

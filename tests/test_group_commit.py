@@ -1,0 +1,147 @@
+"""Group commit: deliveries waiting at once share one statement and one commit, and each hears its own outcome."""
+
+import json
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import psycopg
+import pytest
+from support.server import deliver
+from support.signing import SECRET, signed_delivery
+
+from receiver.errors import UnavailableError
+from receiver.events import parse_event
+from receiver.group_commit import GroupCommit
+from receiver.sample import sample_event
+from receiver.store import EventStore
+
+WAIT_SECONDS = 6.5
+
+
+def event(event_id: str):
+    """Return a parsed event with this id (a NUL or a lone surrogate in it written as a JSON escape, as DT would)."""
+    return parse_event(json.dumps(sample_event(event_id=event_id)).encode())
+
+
+def committed(database_url: str) -> dict[str, int]:
+    """Return each stored event id with the transaction that committed it."""
+    with psycopg.connect(database_url) as connection:
+        return dict(connection.execute("SELECT event_id, xmin::text::bigint FROM dt_events").fetchall())
+
+
+@pytest.fixture
+def store(database_url):
+    """Return a ready event store of its own (plain threads, as the tests and commands run it)."""
+    store = EventStore(database_url, 2)
+    store.start()
+    assert store.check(10) is None
+    yield store
+    store.close()
+
+
+@contextmanager
+def writer_held(database_url: str, store: EventStore, first_id: str):
+    """Hold the writer inside its first batch (the table locked) until the block ends; yield that save's future."""
+    with psycopg.connect(database_url) as blocker, ThreadPoolExecutor(1) as first:
+        blocker.execute("LOCK TABLE dt_events IN ACCESS EXCLUSIVE MODE")
+        held = first.submit(store.save, event(first_id), WAIT_SECONDS)
+        deadline = time.monotonic() + 5
+        while not blocker.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:
+            assert time.monotonic() < deadline, "the first batch never reached the table"
+            time.sleep(0.01)
+        yield held
+        blocker.commit()  # releases the lock: the first batch, then the rest
+
+
+def save_all(store: EventStore, saves: list[tuple[str, float]]) -> list:
+    """Save events from threads at once, each with its wait; return each outcome, or the error it raised."""
+    def save(one):
+        try:
+            return store.save(event(one[0]), one[1])
+        except UnavailableError as error:
+            return str(error)
+    pool = ThreadPoolExecutor(len(saves))
+    futures = [pool.submit(save, one) for one in saves]
+    pool.shutdown(wait=False)  # the caller lets the writer go on, then reads the outcomes
+    time.sleep(0.3)  # every thread has handed its row over
+    return futures
+
+
+def test_rows_waiting_together_commit_together_and_each_hears_its_own_outcome(store, database_url):
+    """Rows that arrive while a write is in flight go in one commit, each told stored or duplicate."""
+    store.save(event("before"), WAIT_SECONDS)
+    with writer_held(database_url, store, "first") as first:
+        waiting = save_all(store, [(f"next-{n}", WAIT_SECONDS) for n in range(10)] + [("before", WAIT_SECONDS)] * 2)
+    assert first.result() is True
+    outcomes = [future.result() for future in waiting]
+    assert outcomes == [True] * 10 + [False, False]
+    transactions = committed(database_url)
+    assert len({transactions[f"next-{n}"] for n in range(10)}) == 1  # one commit for the ten
+    assert transactions["first"] != transactions["next-0"]
+
+
+def test_same_new_event_twice_in_one_batch_is_stored_once(store, database_url):
+    """Two deliveries of one new event in one batch: one is told stored, the other duplicate; one row."""
+    with writer_held(database_url, store, "first"):
+        waiting = save_all(store, [("twice", WAIT_SECONDS)] * 2)
+    assert sorted(future.result() for future in waiting) == [False, True]
+    assert list(committed(database_url)).count("twice") == 1
+
+
+@pytest.mark.parametrize("odd_id", ["nul-\x00-id", "surrogate-\ud800-id"], ids=["NUL", "lone surrogate"])
+def test_odd_text_in_one_row_fails_none_of_its_batch(store, database_url, odd_id):
+    """A NUL or a lone surrogate in one row of a batch: that row is kept escaped, and every row beside it is stored."""
+    with writer_held(database_url, store, "first"):
+        waiting = save_all(store, [(f"plain-{n}", WAIT_SECONDS) for n in range(5)] + [(odd_id, WAIT_SECONDS)])
+    assert [future.result() for future in waiting] == [True] * 6
+    transactions = committed(database_url)
+    escaped = odd_id.replace("\x00", "\\u0000").replace("\ud800", "\\ud800")
+    assert escaped in transactions
+    assert len({transactions[f"plain-{n}"] for n in range(5)} | {transactions[escaped]}) == 1  # one commit
+
+
+def test_a_delivery_that_gives_up_loses_or_doubles_no_other_row(store, database_url):
+    """One delivery gives up while its batch waits: it hears 503, the others are stored once, its retry is exact."""
+    with writer_held(database_url, store, "first"):
+        waiting = save_all(store, [("impatient", 0.1)] + [(f"patient-{n}", WAIT_SECONDS) for n in range(5)])
+        assert waiting[0].result() == "database unavailable: timeout"
+    assert [future.result() for future in waiting[1:]] == [True] * 5
+    stored_before_retry = "impatient" in committed(database_url)
+    assert store.save(event("impatient"), WAIT_SECONDS) is not stored_before_retry  # duplicate if kept, else stored now
+    assert sorted(committed(database_url)) == ["first", "impatient"] + [f"patient-{n}" for n in range(5)]
+
+
+def test_batch_every_delivery_gave_up_on_is_never_written():
+    """A batch whose deliveries have all been answered 503 before the writer reaches it is left out, not written."""
+    release, written = threading.Event(), []
+
+    def write(rows, seconds):
+        written.append([row[0] for row in rows])
+        release.wait(5)
+        return [True] * len(rows)
+
+    commits = GroupCommit(write)
+    first = ThreadPoolExecutor(1).submit(commits.save, ("first",), 1, WAIT_SECONDS)
+    while not written:
+        time.sleep(0.01)
+    with pytest.raises(UnavailableError, match="^database unavailable: timeout$"):
+        commits.save(("given-up",), 1, 0.1)
+    release.set()
+    assert first.result() is True and commits.save(("after",), 1, WAIT_SECONDS) is True
+    assert written == [["first"], ["after"]]
+    commits.close()
+
+
+def test_burst_on_one_worker_is_committed_in_fewer_transactions(start_server, database_url):
+    """32 deliveries at once to one worker of the real server: all stored, in fewer commits than deliveries."""
+    server = start_server(DT_SIGNATURE_SECRET=SECRET, DATABASE_URL=database_url, WEB_CONCURRENCY="1")
+    assert deliver(server, *signed_delivery(sample_event(event_id="warm-up")))[0] == 200
+    deliveries = [signed_delivery(sample_event(event_id=f"burst-{n}")) for n in range(32)]
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(lambda one: deliver(server, *one), deliveries))
+    assert Counter(answers) == {(200, "stored\n"): 32}
+    transactions = committed(database_url)
+    assert len(transactions) == 33 and len({transactions[f"burst-{n}"] for n in range(32)}) < 32
