@@ -12,7 +12,7 @@ log = logging.getLogger("receiver")
 
 # Bounds on one statement, so that a backlog arriving at once cannot build a write the statement timeout cuts short.
 MAX_ROWS = 500
-MAX_BYTES = 8 * 1024 * 1024
+MAX_BYTES = 1024 * 1024
 
 # write(rows, seconds) commits the rows within the seconds and returns, for each, whether it is new.
 Write = Callable[[list[tuple], float], list[bool]]
@@ -35,11 +35,17 @@ class Batch:
 
 
 class GroupCommit:
-    """One writer per process: it writes whatever is waiting as soon as its last write has ended, never on a timer."""
+    """Write a row at once if no write is in flight; else with every row that arrives meanwhile, once that write ends.
+
+    A row handed over alone is written by its own delivery, so it waits for nothing more than its insert; the
+    rows that wait go to the process's one writer, which writes each batch as soon as the last write has ended,
+    never on a timer, so one delivery's deadline never interrupts a write that others wait on.
+    """
 
     def __init__(self, write: Write):
         self._write = write
         self._waiting: deque[Batch] = deque()
+        self._writing = False  # a write, of one row or of a batch, is in flight
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._started = False
@@ -48,16 +54,16 @@ class GroupCommit:
     def save(self, row: tuple, size: int, wait_seconds: float) -> bool:
         """Hand over a row and wait for its commit; return whether it is new, or raise UnavailableError."""
         with self._lock:
-            if not self._started:
-                threading.Thread(target=self._run, name="dt_events writer", daemon=True).start()
-                self._started = True
-            if not self._waiting or not self._waiting[-1].has_room(size):
-                self._waiting.append(Batch())
-            batch = self._waiting[-1]
-            index = len(batch.rows)
-            batch.rows.append(row)
-            batch.size += size
-            batch.give_up_at = max(batch.give_up_at, time.monotonic() + wait_seconds)
+            alone = not self._writing and not self._waiting
+            if alone:
+                self._writing = True
+            else:
+                batch, index = self._join(row, size, wait_seconds)
+        if alone:
+            try:
+                return self._write([row], wait_seconds)[0]
+            finally:
+                self._end_write()
         self._wake.set()
         # If the wait ends first, the row may still be committed: DT's retry then finds it a duplicate.
         if not batch.written.wait(wait_seconds):
@@ -66,23 +72,46 @@ class GroupCommit:
             raise batch.error
         return batch.new[index]
 
+    def _join(self, row: tuple, size: int, wait_seconds: float) -> tuple[Batch, int]:
+        """Add a row to the newest waiting batch, or to a new one if that is full; return the batch and its index."""
+        if not self._started:
+            threading.Thread(target=self._run, name="dt_events writer", daemon=True).start()
+            self._started = True
+        if not self._waiting or not self._waiting[-1].has_room(size):
+            self._waiting.append(Batch())
+        batch = self._waiting[-1]
+        batch.rows.append(row)
+        batch.size += size
+        batch.give_up_at = max(batch.give_up_at, time.monotonic() + wait_seconds)
+        return batch, len(batch.rows) - 1
+
+    def _end_write(self) -> None:
+        """Mark the write in flight ended, and let the writer take what has arrived meanwhile."""
+        with self._lock:
+            self._writing = False
+        self._wake.set()
+
     def close(self) -> None:
         """Let the writer end once it has written what waits."""
         self._closed = True
         self._wake.set()
 
     def _run(self) -> None:
-        """Write the waiting batches in turn, then sleep until a row arrives."""
+        """Write the waiting batches in turn, then sleep until a row arrives or a write ends."""
         while not self._closed:
             self._wake.wait()
             self._wake.clear()
             while batch := self._next():
                 self._commit(batch)
+                self._end_write()
 
     def _next(self) -> Batch | None:
-        """Take the oldest waiting batch; rows that arrive from now on start a new one."""
+        """Take the oldest waiting batch unless a write is in flight; rows that arrive from now on start a new one."""
         with self._lock:
-            return self._waiting.popleft() if self._waiting else None
+            if self._writing or not self._waiting:
+                return None
+            self._writing = True
+            return self._waiting.popleft()
 
     def _commit(self, batch: Batch) -> None:
         """Write one batch and tell its deliveries; a batch none of them still waits for is left out."""

@@ -135,6 +135,17 @@ def test_batch_every_delivery_gave_up_on_is_never_written():
     commits.close()
 
 
+def test_sustained_concurrent_saves_are_all_stored_without_waiting_out_a_deadline(store, database_url):
+    """16 threads saving 40 events each, one after another: every handover between writes finds its writer."""
+    def save_many(thread: int) -> list:
+        return [store.save(event(f"sustained-{thread}-{n}"), WAIT_SECONDS) for n in range(40)]
+    started = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        outcomes = [outcome for outcomes in pool.map(save_many, range(16)) for outcome in outcomes]
+    assert outcomes == [True] * 640 and len(committed(database_url)) == 640
+    assert time.monotonic() - started < WAIT_SECONDS  # no save waited out its deadline
+
+
 def test_burst_on_one_worker_is_committed_in_fewer_transactions(start_server, database_url):
     """32 deliveries at once to one worker of the real server: all stored, in fewer commits than deliveries."""
     server = start_server(DT_SIGNATURE_SECRET=SECRET, DATABASE_URL=database_url, WEB_CONCURRENCY="1")
