@@ -11,8 +11,9 @@ order of the cases turns by one each round, so no case always follows the same n
 server is started afresh in every round (boot, warm-up, measured run, stop) rather than kept up: only
 one server is ever on the server core beside wrk, with no idle arbiters or heartbeats of the others, and
 each round samples a new process (memory layout, hash seed), so the median covers that variation too.
-Each run replays the signed deliveries from where the same case's last run stopped, so an event does not
-repeat (the Postgres sink skips a repeated event id, which would flatter it).
+Each run replays the signed deliveries from where the same case's last run stopped, and the Postgres case's
+table is emptied before each of its runs, so no run sends an event its table holds (the Postgres sink skips
+a repeated event id, which would flatter it).
 
 Every server runs one worker on its one core (`--workers`): two would measure the kernel's scheduler
 instead. A gevent worker owns its connections, so while the kernel runs one worker the other's wait
@@ -58,6 +59,7 @@ from receiver.webhook import MAX_BODY_BYTES  # noqa: E402
 SERVER_CORE, LOAD_CORE = "0", "1"
 DATABASE_CORE = LOAD_CORE  # on Heroku the database is another machine: keep it off the server's core
 CEILING_COMMAND = "gunicorn --pythonpath tests/benchmark ceiling:app"
+LOG_ONLY, STORED = "receiver, log only", "receiver, Postgres"
 TABLE_FILE = ROOT / "docs" / "performance.md"
 TABLE_START, TABLE_END = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
 SIZES = {"1 KB": 1024, "64 KB": 64 * 1024, "256 KiB (the limit)": MAX_BODY_BYTES}
@@ -184,6 +186,9 @@ def measure(case: Case, args, folder: Path, round_number: int) -> dict:
     # What Heroku's Python buildpack sets for every app (its access log, trust in the router's headers);
     # loopback only here.
     server.env.update(GUNICORN_CMD_ARGS=f"--access-logfile - --bind 127.0.0.1:{server.port}", FORWARDED_ALLOW_IPS="*")
+    if "DATABASE_URL" in case.settings:
+        empty_table(case.settings["DATABASE_URL"])
+    sent_before = case.position
     server.start(wait=False)
     try:
         boot_seconds = wait_for_any_answer(server) if case.any_answer else server.wait_until_up()
@@ -193,6 +198,7 @@ def measure(case: Case, args, folder: Path, round_number: int) -> dict:
     finally:
         server.stop()
     figures["events_per_s"] = figures["requests"] / figures["seconds"]
+    figures["replayed"] = case.position - sent_before > case.count
     return figures
 
 
@@ -214,9 +220,37 @@ def pin_postgres(postgres: PostgresServer) -> None:
     subprocess.run(["taskset", "-a", "-p", "-c", DATABASE_CORE, pid], check=True, capture_output=True)
 
 
+def empty_table(database_url: str) -> None:
+    """Empty the events table, if it exists yet: each run stores events new to it, however many rounds came before."""
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        if connection.execute("SELECT to_regclass('dt_events')").fetchone()[0]:
+            connection.execute("TRUNCATE dt_events")
+
+
+def new_database(postgres: PostgresServer, name: str) -> str:
+    """Create an empty database on the benchmark's server; return its URL."""
+    with psycopg.connect(postgres.url(), autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {name}")
+    return postgres.url(name)
+
+
+def stored_events(databases: dict[str, str]) -> str:
+    """Say how many distinct events the Postgres cases' last runs committed, and how durably."""
+    if not databases:
+        return ""
+    total = 0
+    for url in databases.values():
+        with psycopg.connect(url) as connection:
+            total += connection.execute("SELECT count(*) FROM dt_events").fetchone()[0]
+            settings = {name: connection.execute(f"SHOW {name}").fetchone()[0]
+                        for name in ("synchronous_commit", "fsync")}
+    return (f"{total} distinct events committed in the last round's runs (synchronous_commit "
+            f"{settings['synchronous_commit']}, fsync {settings['fsync']})")
+
+
 def table(results: list[dict], compared: str | None) -> str:
-    """Return the medians as a Markdown table, with ratios to the ceiling (and the compared app) of the same size."""
-    references = ["ceiling"] + ([compared] if compared else [])
+    """Return the medians as a Markdown table, with ratios to the ceiling, to log only (and to the compared app)."""
+    references = ["ceiling", LOG_ONLY] + ([compared] if compared else [])
     header = "| case | events/s (median) | events/s (range) | p50 ms | p99 ms | errors | RSS/worker MB |"
     for name in references:
         header += f" events/s vs {name} | p99 vs {name} |"
@@ -272,22 +306,20 @@ def main() -> None:
         postgres = PostgresServer(server_programs())
         postgres.start()
         pin_postgres(postgres)
-    cases, database = [], None
+    cases, databases = [], {}
     try:
         for size_label, size in SIZES.items():
             if args.size and size_label not in args.size:
                 continue
-            count = max(30, min(80_000, 60_000_000 // size))  # distinct events: enough that 1 KB never repeats
+            count = max(30, min(80_000, 640_000_000 // size))  # distinct events: more than one run sends
             deliveries = folder / f"{size}.txt"
             write_deliveries(deliveries, size, count)
             cases.append(Case(size_label, "ceiling", CEILING_COMMAND, deliveries, count))
-            cases.append(Case(size_label, "receiver, log only", web_command(ROOT), deliveries, count))
-            if size_label == "1 KB" and not args.no_postgres:
-                database = f"bench_{int(time.time())}"
-                with psycopg.connect(postgres.url(), autocommit=True) as connection:
-                    connection.execute(f"CREATE DATABASE {database}")
-                cases.append(Case(size_label, "receiver, Postgres", web_command(ROOT), deliveries, count,
-                                  settings={"DATABASE_URL": postgres.url(database)}))
+            cases.append(Case(size_label, LOG_ONLY, web_command(ROOT), deliveries, count))
+            if postgres is not None:
+                databases[size_label] = new_database(postgres, f"bench_{size}_{int(time.time())}")
+                cases.append(Case(size_label, STORED, web_command(ROOT), deliveries, count,
+                                  settings={"DATABASE_URL": databases[size_label]}))
             if compare:
                 cases.append(comparison_case(compare, size_label, deliveries, count))
 
@@ -296,11 +328,9 @@ def main() -> None:
             for case in cases[turn:] + cases[:turn]:
                 case.runs.append(measure(case, args, folder, round_number + 1))
                 print(json.dumps(case.runs[-1]), file=sys.stderr)
-        if database:
-            with psycopg.connect(postgres.url(database)) as connection:
-                stored = connection.execute("SELECT count(*) FROM dt_events").fetchone()[0]
-            if any(case.position > case.count for case in cases if "DATABASE_URL" in case.settings):
-                print("note: the Postgres case replayed events, which it skips as duplicates", file=sys.stderr)
+        durability = stored_events(databases)
+        if any(run["replayed"] for case in cases if "DATABASE_URL" in case.settings for run in case.runs):
+            print("note: a Postgres run replayed events, which it skips as duplicates", file=sys.stderr)
     finally:
         if postgres is not None:
             postgres.remove()
@@ -311,6 +341,10 @@ def main() -> None:
                + (f" --compare {args.compare}" if args.compare else ""))
     results = [summary(case) for case in cases]
     by_label = {result["label"]: result for result in results}
+
+    def rate(size: str, name: str) -> float:
+        return by_label[f"{size}: {name}"]["events_per_s"]
+
     notes = [f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores: each server pinned to "
              f"core {SERVER_CORE}, wrk and PostgreSQL to core {LOAD_CORE}, {args.connections} keep-alive connections, "
              f"WEB_CONCURRENCY={args.workers} for every server; {args.rounds} interleaved rounds, each starting every server afresh for {args.warmup} s "
@@ -319,10 +353,9 @@ def main() -> None:
     if compare:
         pins = ", ".join((compare / "requirements.txt").read_text().split())
         notes.append(f"{compare.name}: its Procfile's `{web_command(compare)}` from its own environment ({pins}).")
-    if "1 KB: receiver, Postgres" in by_label:
-        sink, log_only = by_label["1 KB: receiver, Postgres"], by_label["1 KB: receiver, log only"]
-        notes.append(f"Postgres sink / log-only: {sink['events_per_s'] / log_only['events_per_s']:.2f} of the events/s, "
-                     f"with {stored} distinct events committed durably (synchronous_commit on).")
+    if durability:
+        ratios = ", ".join(f"{rate(size, STORED) / rate(size, LOG_ONLY):.2f} at {size}" for size in databases)
+        notes.append(f"Postgres / log only: {ratios} of the events/s; {durability}.")
     report = table(results, compare.name if compare else None) + "\n\n" + " ".join(notes)
     print(report)
     if not args.print_only:
