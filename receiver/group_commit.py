@@ -22,12 +22,12 @@ class Batch:
     """Rows written in one statement and one commit, and what became of them."""
 
     def __init__(self):
-        self.rows: list[tuple] = []
+        self.rows: list[tuple | None] = []  # None: its delivery gave up before the batch was taken
         self.size = 0
         self.give_up_at = 0.0  # when the last of its deliveries stops waiting
         self.written = threading.Event()
-        self.new: list[bool] = []
-        self.error: UnavailableError | None = None
+        self.new: dict[int, bool] = {}  # by the row's place in the batch
+        self.error: str | None = None  # why it was not written; each delivery raises an exception of its own
 
     def has_room(self, size: int) -> bool:
         """Tell whether a row of this many bytes may still join."""
@@ -65,11 +65,11 @@ class GroupCommit:
             finally:
                 self._end_write()
         self._wake.set()
-        # If the wait ends first, the row may still be committed: DT's retry then finds it a duplicate.
         if not batch.written.wait(wait_seconds):
+            self._give_up(batch, index)
             raise UnavailableError("database unavailable: timeout")
         if batch.error is not None:
-            raise batch.error
+            raise UnavailableError(batch.error)
         return batch.new[index]
 
     def _join(self, row: tuple, size: int, wait_seconds: float) -> tuple[Batch, int]:
@@ -84,6 +84,12 @@ class GroupCommit:
         batch.size += size
         batch.give_up_at = max(batch.give_up_at, time.monotonic() + wait_seconds)
         return batch, len(batch.rows) - 1
+
+    def _give_up(self, batch: Batch, index: int) -> None:
+        """Leave a row out of its batch if the writer has not taken it yet (else DT's retry finds it a duplicate)."""
+        with self._lock:
+            if batch in self._waiting:
+                batch.rows[index] = None
 
     def _end_write(self) -> None:
         """Mark the write in flight ended, and let the writer take what has arrived meanwhile."""
@@ -114,16 +120,16 @@ class GroupCommit:
             return self._waiting.popleft()
 
     def _commit(self, batch: Batch) -> None:
-        """Write one batch and tell its deliveries; a batch none of them still waits for is left out."""
+        """Write the rows of one batch whose deliveries still wait, and tell them."""
+        places = [place for place, row in enumerate(batch.rows) if row is not None]
         try:
-            seconds = batch.give_up_at - time.monotonic()
-            if seconds <= 0:
-                raise UnavailableError("database unavailable: timeout")
-            batch.new = self._write(batch.rows, seconds)
+            if places:
+                new = self._write([batch.rows[place] for place in places], batch.give_up_at - time.monotonic())
+                batch.new = dict(zip(places, new, strict=True))
         except UnavailableError as error:
-            batch.error = error
+            batch.error = str(error)
         except Exception as error:  # the writer must outlive any one batch
             log.error("writing events failed", extra={"fields": {"error": type(error).__name__}})
-            batch.error = UnavailableError(f"database error: {type(error).__name__}")
+            batch.error = f"database error: {type(error).__name__}"
         finally:
             batch.written.set()
