@@ -1,5 +1,6 @@
 """Gunicorn's hooks and logger for the receiver, named in gunicorn.conf.py: checks at boot, each worker's pool."""
 
+import fcntl
 import logging
 import os
 import subprocess
@@ -10,6 +11,10 @@ from gunicorn.glogging import Logger
 
 from .logs import LOGGED, configure_logging
 from .settings import server_problem, setting_warnings
+
+# A pipe holds 64 KB by default, so one large event's line fills it and its worker waits until the log router's
+# reader has drained it. 1 MB, Linux's limit for a process without privileges, lets a burst of lines through.
+LOG_PIPE_BYTES = 1024 * 1024
 
 
 class OneLinePerRequest(Logger):
@@ -32,8 +37,17 @@ def on_starting(server):
         print(f"receiver not started: {problem}", file=sys.stderr)
         sys.exit(1)
     configure_logging()
+    grow_log_pipe()
     for warning in setting_warnings(os.environ):
         logging.getLogger("receiver").warning(warning)
+
+
+def grow_log_pipe() -> None:
+    """Let stdout, if it is a pipe, hold 1 MB of lines, so that a worker writing a large event's line seldom waits."""
+    try:
+        fcntl.fcntl(sys.stdout.fileno(), fcntl.F_SETPIPE_SZ, LOG_PIPE_BYTES)
+    except (AttributeError, OSError, ValueError):
+        pass  # not a pipe, not Linux, or over this machine's limit: lines are written as before
 
 
 def library_problem_of_a_child():

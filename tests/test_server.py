@@ -1,6 +1,8 @@
 """The Procfile's web command, run for real on a loopback port and driven over HTTP."""
 
+import fcntl
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -15,6 +17,7 @@ from support.server import ROOT, Server, free_port, procfile_command
 from support.signing import SECRET, signed_delivery
 
 from receiver.sample import sample_event
+from receiver.server import LOG_PIPE_BYTES
 
 
 def test_signed_event_through_the_procfile_server(start_server):
@@ -128,10 +131,7 @@ def test_server_answers_on_ipv4_and_ipv6(start_server):
 def test_log_only_event_is_not_acknowledged_when_its_line_cannot_be_written(tmp_path):
     """In log-only mode the log line is the event's only copy: with stdout gone, the answer is 503, never 200."""
     server = Server(tmp_path / "unused.log", DT_SIGNATURE_SECRET=SECRET)
-    reader, writer = os.pipe()
-    server.process = subprocess.Popen(server.command, shell=True, executable="bash", cwd=ROOT, env=server.env,
-                                      stdout=writer, stderr=subprocess.DEVNULL, start_new_session=True)
-    os.close(writer)
+    reader = start_writing_to_a_pipe(server)
     try:
         server.wait_until_up()
         assert server.post(*signed_delivery())[0] == 200  # the pipe is read: the line is written
@@ -140,3 +140,38 @@ def test_log_only_event_is_not_acknowledged_when_its_line_cannot_be_written(tmp_
         assert server.post(*signed_delivery()) == (503, "log line could not be written\n")
     finally:
         server.stop()
+
+
+def test_log_pipe_takes_a_large_event_line_while_nobody_reads_it(tmp_path):
+    """On a pipe, as on a dyno, stdout holds 1 MB from the start: a 200 KB event's line is written without a wait."""
+    server = Server(tmp_path / "unused.log", DT_SIGNATURE_SECRET=SECRET)
+    reader = start_writing_to_a_pipe(server)
+    os.set_blocking(reader, False)
+    try:
+        server.wait_until_up()
+        assert fcntl.fcntl(reader, fcntl.F_GETPIPE_SZ) == LOG_PIPE_BYTES
+        event = sample_event(event_id="large-line")
+        event["labels"]["padding"] = "x" * 200_000
+        # Nobody reads the pipe meanwhile: in 64 KB, the line would wait for a reader, and so would the answer.
+        assert server.post(*signed_delivery(event), timeout=5) == (200, "logged\n")
+        output = b"".join(iter(lambda: os.read(reader, 1 << 20) if readable(reader) else b"", b""))
+        assert b'"event_id": "large-line"' in output and b"x" * 200_000 in output
+    finally:
+        while readable(reader):  # a blocked write must not hold up the stop
+            os.read(reader, 1 << 20)
+        server.stop()
+        os.close(reader)
+
+
+def readable(descriptor: int) -> bool:
+    """Tell whether a descriptor has something to read right now."""
+    return bool(select.select([descriptor], [], [], 0.2)[0])
+
+
+def start_writing_to_a_pipe(server: Server) -> int:
+    """Start the server with its output on a pipe, as a dyno's goes to the log router; return the reading end."""
+    reader, writer = os.pipe()
+    server.process = subprocess.Popen(server.command, shell=True, executable="bash", cwd=ROOT, env=server.env,
+                                      stdout=writer, stderr=subprocess.DEVNULL, start_new_session=True)
+    os.close(writer)
+    return reader
