@@ -283,8 +283,8 @@ def missing_programs(with_postgres: bool) -> list[str]:
     return missing
 
 
-def main() -> None:
-    """Run every case in interleaved rounds and report the medians."""
+def arguments() -> argparse.Namespace:
+    """Read the command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="rounds; each runs every case once")
     parser.add_argument("--seconds", type=int, default=5, help="length of each measured run")
@@ -295,47 +295,42 @@ def main() -> None:
     parser.add_argument("--no-postgres", action="store_true", help="skip the Postgres case")
     parser.add_argument("--compare", metavar="DIR", help="also run this app folder's Procfile web command")
     parser.add_argument("--print-only", action="store_true", help="print the table, leave docs/performance.md alone")
-    args = parser.parse_args()
-    compare = Path(args.compare).resolve() if args.compare else None
-    if missing := missing_programs(not args.no_postgres):
-        sys.exit("benchmark needs " + "; ".join(missing))
+    return parser.parse_args()
 
-    folder = Path(tempfile.mkdtemp(prefix="dt-receiver-bench-"))
-    postgres = None
-    if not args.no_postgres:
-        postgres = PostgresServer(server_programs())
-        postgres.start()
-        pin_postgres(postgres)
+
+def make_cases(args, folder: Path, postgres: PostgresServer | None, compare: Path | None) -> tuple[list, dict]:
+    """Write each size's deliveries and return its cases, and the database URL of each size's Postgres case."""
     cases, databases = [], {}
-    try:
-        for size_label, size in SIZES.items():
-            if args.size and size_label not in args.size:
-                continue
-            count = max(30, min(80_000, 640_000_000 // size))  # distinct events: more than one run sends
-            deliveries = folder / f"{size}.txt"
-            write_deliveries(deliveries, size, count)
-            cases.append(Case(size_label, "ceiling", CEILING_COMMAND, deliveries, count))
-            cases.append(Case(size_label, LOG_ONLY, web_command(ROOT), deliveries, count))
-            if postgres is not None:
-                databases[size_label] = new_database(postgres, f"bench_{size}_{int(time.time())}")
-                cases.append(Case(size_label, STORED, web_command(ROOT), deliveries, count,
-                                  settings={"DATABASE_URL": databases[size_label]}))
-            if compare:
-                cases.append(comparison_case(compare, size_label, deliveries, count))
-
-        for round_number in range(args.rounds):
-            turn = round_number % len(cases)
-            for case in cases[turn:] + cases[:turn]:
-                case.runs.append(measure(case, args, folder, round_number + 1))
-                print(json.dumps(case.runs[-1]), file=sys.stderr)
-        durability = stored_events(databases)
-        if any(run["replayed"] for case in cases if "DATABASE_URL" in case.settings for run in case.runs):
-            print("note: a Postgres run replayed events, which it skips as duplicates", file=sys.stderr)
-    finally:
+    for size_label, size in SIZES.items():
+        if args.size and size_label not in args.size:
+            continue
+        count = max(30, min(80_000, 640_000_000 // size))  # distinct events: more than one run sends
+        deliveries = folder / f"{size}.txt"
+        write_deliveries(deliveries, size, count)
+        cases.append(Case(size_label, "ceiling", CEILING_COMMAND, deliveries, count))
+        cases.append(Case(size_label, LOG_ONLY, web_command(ROOT), deliveries, count))
         if postgres is not None:
-            postgres.remove()
-    shutil.rmtree(folder)  # the deliveries and the servers' last lines; kept when a run fails
+            databases[size_label] = new_database(postgres, f"bench_{size}_{int(time.time())}")
+            cases.append(Case(size_label, STORED, web_command(ROOT), deliveries, count,
+                              settings={"DATABASE_URL": databases[size_label]}))
+        if compare:
+            cases.append(comparison_case(compare, size_label, deliveries, count))
+    return cases, databases
 
+
+def run_rounds(cases: list[Case], args, folder: Path) -> None:
+    """Run every case once a round, the order turning by one each round."""
+    for round_number in range(args.rounds):
+        turn = round_number % len(cases)
+        for case in cases[turn:] + cases[:turn]:
+            case.runs.append(measure(case, args, folder, round_number + 1))
+            print(json.dumps(case.runs[-1]), file=sys.stderr)
+    if any(run["replayed"] for case in cases if "DATABASE_URL" in case.settings for run in case.runs):
+        print("note: a Postgres run replayed events, which it skips as duplicates", file=sys.stderr)
+
+
+def report(cases: list[Case], args, compare: Path | None, durability: str) -> str:
+    """Return the table of medians and the notes that say how it was made."""
     command = (f"python tests/benchmark/benchmark.py --rounds {args.rounds} --seconds {args.seconds} "
                f"--connections {args.connections} --workers {args.workers}"
                + (f" --compare {args.compare}" if args.compare else ""))
@@ -347,19 +342,44 @@ def main() -> None:
 
     notes = [f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores: each server pinned to "
              f"core {SERVER_CORE}, wrk and PostgreSQL to core {LOAD_CORE}, {args.connections} keep-alive connections, "
-             f"WEB_CONCURRENCY={args.workers} for every server; {args.rounds} interleaved rounds, each starting every server afresh for {args.warmup} s "
-             f"of warm-up and {args.seconds} s measured; medians of the rounds, and ratios of the medians.",
+             f"WEB_CONCURRENCY={args.workers} for every server; {args.rounds} interleaved rounds, each starting every "
+             f"server afresh for {args.warmup} s of warm-up and {args.seconds} s measured; medians of the rounds, "
+             "and ratios of the medians.",
              f"Boot to first 200: {max(result['boot_s'] for result in results if result['own']):.2f} s at most."]
     if compare:
         pins = ", ".join((compare / "requirements.txt").read_text().split())
         notes.append(f"{compare.name}: its Procfile's `{web_command(compare)}` from its own environment ({pins}).")
     if durability:
-        ratios = ", ".join(f"{rate(size, STORED) / rate(size, LOG_ONLY):.2f} at {size}" for size in databases)
+        sizes = sorted({case.size for case in cases if "DATABASE_URL" in case.settings}, key=list(SIZES).index)
+        ratios = ", ".join(f"{rate(size, STORED) / rate(size, LOG_ONLY):.2f} at {size}" for size in sizes)
         notes.append(f"Postgres / log only: {ratios} of the events/s; {durability}.")
-    report = table(results, compare.name if compare else None) + "\n\n" + " ".join(notes)
-    print(report)
+    return table(results, compare.name if compare else None) + "\n\n" + " ".join(notes)
+
+
+def main() -> None:
+    """Run every case in interleaved rounds and report the medians."""
+    args = arguments()
+    compare = Path(args.compare).resolve() if args.compare else None
+    if missing := missing_programs(not args.no_postgres):
+        sys.exit("benchmark needs " + "; ".join(missing))
+    folder = Path(tempfile.mkdtemp(prefix="dt-receiver-bench-"))
+    postgres = None
+    if not args.no_postgres:
+        postgres = PostgresServer(server_programs())
+        postgres.start()
+        pin_postgres(postgres)
+    try:
+        cases, databases = make_cases(args, folder, postgres, compare)
+        run_rounds(cases, args, folder)
+        durability = stored_events(databases)
+    finally:
+        if postgres is not None:
+            postgres.remove()
+    shutil.rmtree(folder)  # the deliveries and the servers' last lines; kept when a run fails
+    text = report(cases, args, compare, durability)
+    print(text)
     if not args.print_only:
-        write_table(report)
+        write_table(text)
 
 
 if __name__ == "__main__":
