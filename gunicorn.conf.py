@@ -14,8 +14,8 @@ workers = worker_count(os.environ) if not server_problem(os.environ) else 1
 
 # gevent: each connection is a greenlet, so clients that trickle their bodies (scanners, bad
 # networks) cost a few KB each instead of a thread, and DT's deliveries never queue behind them.
-# Every wait of a delivery (Postgres, DT's key endpoint, the body) yields, and app.py's deadline
-# can interrupt it. psycopg 3 cooperates with gevent by itself.
+# Every wait of a delivery (Postgres, DT's key endpoint, the body) yields, and the delivery's deadline
+# (receiver/webhook.py) can interrupt it. psycopg 3 cooperates with gevent by itself.
 worker_class = "gevent"
 # Connections one worker serves at once; beyond it the kernel queues them.
 worker_connections = 1000
