@@ -133,7 +133,7 @@ async def flood(port: int, connections: int, body_bytes: int, hold: float, secon
     async def bounded(number: int) -> str:
         try:
             return await asyncio.wait_for(send_unsigned(port, number, body, hold), seconds)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             return f"no answer within {seconds:g} s"
         except OSError as error:
             return type(error).__name__
