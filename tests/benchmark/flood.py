@@ -118,10 +118,13 @@ async def send_unsigned(port: int, number: int, body: bytes, hold: float) -> str
         await asyncio.sleep(hold)
         writer.write(body[-1024:])
         await writer.drain()
+    except ConnectionError:
+        pass  # refused before the body was read, and closed: the answer may still be there to read
+    try:
         line = await reader.readline()
         return line.split()[1].decode() if line else "closed without an answer"
     except ConnectionError:
-        return "connection reset while sending"
+        return "connection reset, no answer read"
     finally:
         writer.close()
 
