@@ -106,12 +106,17 @@ def read_body() -> bytes:
 @blueprint.after_app_request
 def close_if_body_left_unread(response: Response) -> Response:
     """Close the connection after answering a request whose body was left unread, unless it is a few KB at most."""
-    if not request.environ.get(BODY_READ):
-        declared = request.content_length  # None when chunked, or when there is no body
-        if (declared or 0) > DRAINED_BODY_BYTES or (declared is None and "chunked" in request.headers.get(
-                "Transfer-Encoding", "").lower()):
-            close_connection_after_answer()
+    if not request.environ.get(BODY_READ) and unread_body_may_be_large():
+        close_connection_after_answer()
     return response
+
+
+def unread_body_may_be_large() -> bool:
+    """Tell whether the request's body is chunked (its size unknown) or declared larger than a few KB."""
+    declared = request.content_length  # None when chunked, or when there is no body
+    if declared is None:
+        return "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    return declared > DRAINED_BODY_BYTES
 
 
 def keep(event: Event, store: EventStore, deadline: float) -> str:

@@ -60,22 +60,26 @@ def rejections(server) -> list[tuple[int, str]]:
 
 
 BODY = body_of_size(MAX_BODY_BYTES, "flood-1")
+DECLARED = {"Content-Length": len(BODY)}
 UNSIGNED = {
-    "no token": ({}, "missing X-Dt-Signature header"),
-    "another secret": ({"X-Dt-Signature": sign_body(BODY, OTHER_SECRET)}, "signature does not verify"),
-    "expired": ({"X-Dt-Signature": token_with(claims_for(BODY, iat=int(time.time()) - 7200,
-                                                         exp=int(time.time()) - 3600))}, "token has expired"),
+    "no token": (DECLARED, "missing X-Dt-Signature header"),
+    "another secret": (DECLARED | {"X-Dt-Signature": sign_body(BODY, OTHER_SECRET)}, "signature does not verify"),
+    "expired": (DECLARED | {"X-Dt-Signature": token_with(claims_for(BODY, iat=int(time.time()) - 7200,
+                                                                    exp=int(time.time()) - 3600))},
+                "token has expired"),
+    "chunked, no token": ({"Transfer-Encoding": "chunked"}, "missing X-Dt-Signature header"),
 }
 
 
 @pytest.mark.parametrize("case", UNSIGNED)
 def test_unsigned_large_body_is_refused_before_it_is_read(start_server, case):
-    """Headers declaring 256 KiB with a token that fails, and 16 bytes of the body: 401 at once, and the
-    connection closed rather than the rest of the body awaited."""
+    """Headers declaring 256 KiB (or a chunked body) with a token that fails, and the body's first 16 bytes:
+    401 at once, and the connection closed rather than the rest of the body awaited."""
     headers, reason = UNSIGNED[case]
     server = start_server(DT_SIGNATURE_SECRET=SECRET)
+    first_bytes = b"%x\r\n%s" % (len(BODY), BODY[:16]) if "Transfer-Encoding" in headers else BODY[:16]
     started = time.monotonic()
-    with send_head(server, {"Content-Length": len(BODY), **headers}, BODY[:16], timeout=5) as connection:
+    with send_head(server, headers, first_bytes, timeout=5) as connection:
         assert read_answer(connection) == (401, reason, "close")
         assert time.monotonic() - started < 5  # the deadline is 7 s: an answer after waiting for the body comes later
         assert closed_by_server(connection)
