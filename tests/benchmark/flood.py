@@ -1,6 +1,6 @@
 """Flood one worker with unsigned 256 KiB bodies beside DT's signed deliveries: the worker's memory and their p99.
 
-Run by hand, never in CI: `python tests/benchmark/flood.py` (about half a minute; no PostgreSQL). It starts the
+Run by hand, never in CI: `python tests/benchmark/flood.py` (about ten seconds; no PostgreSQL). It starts the
 Procfile's server with one worker (WEB_CONCURRENCY=1) on 127.0.0.1, warms it with signed deliveries, reads the
 worker's idle resident set from /proc, and then opens `--connections` connections at once, each sending a body of
 `--body-bytes` with no valid token (half with none, half signed with another secret): all but its last kilobyte at
