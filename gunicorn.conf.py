@@ -2,7 +2,14 @@
 # Heroku's Python buildpack also sets GUNICORN_CMD_ARGS, which takes priority over this file.
 import os
 
-from receiver.server import OneLinePerRequest, on_starting, post_request, post_worker_init, worker_exit  # noqa: F401
+from receiver.server import (  # noqa: F401
+    OneLinePerRequest,
+    on_starting,
+    post_request,
+    post_worker_init,
+    pre_request,
+    worker_exit,
+)
 from receiver.settings import server_problem, worker_count
 
 # Heroku gives the port in $PORT; "[::]" accepts IPv6 and, unless IPV6_V6ONLY is set, IPv4 too.

@@ -1,11 +1,13 @@
 """GET /health: whether the receiver can do its job right now and events still arrive, for an uptime monitor."""
 
 import re
+import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import gevent
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, current_app, jsonify
 
 from .components import components
 from .durations import describe_age
@@ -15,17 +17,68 @@ from .webhook import POOL_MARGIN_SECONDS
 
 # An uptime monitor's check answers within this.
 HEALTH_SECONDS = 3.0
+# A worker's answer is shared by every check for this long, so a flood of checks costs the database one round of
+# queries a second, and cannot take the pool's connections from deliveries.
+SHARED_SECONDS = 1.0
+# Where each app keeps its shared answer, in app.extensions.
+SHARED_ANSWER = "receiver.health"
+TOO_SLOW = {"health": f"checks took over {HEALTH_SECONDS:g} s"}
 
 blueprint = Blueprint("health", __name__)
+
+
+class SharedAnswer:
+    """The last answer of a check, shared while fresh; while one caller computes a new one, the others wait for it."""
+
+    def __init__(self, compute: Callable[[], dict], seconds: float, clock: Callable[[], float] = time.monotonic):
+        self._compute, self._seconds, self._clock = compute, seconds, clock
+        self._answer: dict | None = None
+        self._fresh_until = float("-inf")
+        self._computing: threading.Event | None = None  # set when the answer being computed is ready
+        self._lock = threading.Lock()
+
+    def get(self, wait_seconds: float) -> dict | None:
+        """Return the shared answer, computing it if it is stale; None if another caller's took over the wait."""
+        with self._lock:
+            if self._clock() < self._fresh_until:
+                return self._answer
+            computing, mine = self._computing, self._computing is None
+            if mine:
+                computing = self._computing = threading.Event()
+        if not mine:
+            computing.wait(wait_seconds)
+            return self._answer if self._clock() < self._fresh_until else None
+        try:
+            answer = self._compute()
+            with self._lock:
+                self._answer, self._fresh_until = answer, self._clock() + self._seconds
+            return answer
+        finally:
+            with self._lock:
+                self._computing = None
+            computing.set()
+
+
+@blueprint.record_once
+def share_answers(state) -> None:
+    """Give the app its shared answer, made once when the blueprint is registered."""
+    state.app.extensions[SHARED_ANSWER] = SharedAnswer(problems_within_deadline, SHARED_SECONDS)
 
 
 @blueprint.get("/health")
 def health() -> Response:
     """Answer 200 if a delivery would be accepted now and events keep arriving, else 503 naming each problem."""
-    with gevent.Timeout(HEALTH_SECONDS, False):  # an unanswered check is a failed one
-        problems = current_problems()
-        return jsonify(ok=not problems, problems=problems), 503 if problems else 200
-    return jsonify(ok=False, problems={"health": f"checks took over {HEALTH_SECONDS:g} s"}), 503
+    problems = current_app.extensions[SHARED_ANSWER].get(HEALTH_SECONDS)
+    if problems is None:
+        problems = TOO_SLOW
+    return jsonify(ok=not problems, problems=problems), 503 if problems else 200
+
+
+def problems_within_deadline() -> dict[str, str]:
+    """Return the current problems, or that the checks took too long: an unanswered check is a failed one."""
+    with gevent.Timeout(HEALTH_SECONDS, False):
+        return current_problems()
+    return TOO_SLOW
 
 
 def current_problems() -> dict[str, str]:

@@ -1,5 +1,6 @@
 """Gunicorn's hooks and logger for the receiver, named in gunicorn.conf.py: checks at boot, each worker's pool."""
 
+import contextvars
 import fcntl
 import logging
 import os
@@ -15,6 +16,9 @@ from .settings import server_problem, setting_warnings
 # A pipe holds 64 KB by default, so one large event's line fills it and its worker waits until the log router's
 # reader has drained it. 1 MB, Linux's limit for a process without privileges, lets a burst of lines through.
 LOG_PIPE_BYTES = 1024 * 1024
+
+# The request gunicorn is serving on this connection: each connection is a greenlet, with contextvars of its own.
+GUNICORN_REQUEST = contextvars.ContextVar("gunicorn_request", default=None)
 
 
 class OneLinePerRequest(Logger):
@@ -84,6 +88,22 @@ def worker_store(worker):
     """Return the store of the worker's app, if it is the receiver and keeps events (the benchmark's ceiling is not)."""
     parts = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("receiver")
     return parts.store if parts is not None else None
+
+
+def pre_request(worker, req):
+    """Remember the request being served, so the app can ask for its connection to be closed after the answer."""
+    GUNICORN_REQUEST.set(req)
+
+
+def close_connection_after_answer() -> None:
+    """Have gunicorn answer `Connection: close` and close the connection, rather than read what is left of the body.
+
+    Left unread, a body is read to its end before the connection's next request (in reads as large as
+    what is left, held at once): an unsigned request's body would cost the worker what it spares it here.
+    Outside gunicorn (the tests' test client) there is no connection to close.
+    """
+    if (req := GUNICORN_REQUEST.get()) is not None:
+        req.force_close()
 
 
 def post_request(worker, req, environ, resp):

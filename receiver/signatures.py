@@ -71,20 +71,34 @@ def secret_problem(name: str, secret: str) -> str | None:
 
 @dataclass(frozen=True)
 class Verifier:
-    """Check every signature the configuration requires, for one delivery."""
+    """Check every signature the configuration requires, for one delivery: its headers first, then its body."""
 
     secrets: Sequence[str] = ()
     organization_id: str | None = None
     keys: SigningKeys | None = None
 
+    def verify_headers(self, headers: Mapping[str, str]) -> tuple[Mapping, ...]:
+        """Return the claims of each required token once its signature and claims hold; raise a DeliveryError if not.
+
+        Nothing here needs the body, so a request that fails is refused before its body is read.
+        """
+        claims = []
+        if self.secrets:
+            claims.append(secret_token_claims(required_header(headers, SIGNATURE_HEADER), self.secrets))
+        if self.organization_id:
+            token = required_header(headers, ASYMMETRIC_HEADER)
+            claims.append(asymmetric_token_claims(token, self.keys, self.organization_id))
+        return tuple(claims)
+
+    @staticmethod
+    def verify_body(claims_of_each_token: Sequence[Mapping], body: bytes) -> None:
+        """Raise a DeliveryError unless the body matches every checksum the verified tokens claim."""
+        for claims in claims_of_each_token:
+            verify_checksums(claims, body)
+
     def verify(self, headers: Mapping[str, str], body: bytes) -> None:
         """Raise a DeliveryError unless every required signature holds for these bytes."""
-        if self.secrets:
-            verify_secret_token(required_header(headers, SIGNATURE_HEADER), body, self.secrets)
-        if self.organization_id:
-            verify_asymmetric_token(
-                required_header(headers, ASYMMETRIC_HEADER), body, self.keys, self.organization_id
-            )
+        self.verify_body(self.verify_headers(headers), body)
 
 
 def required_header(headers: Mapping[str, str], name: str) -> str:
@@ -97,9 +111,13 @@ def required_header(headers: Mapping[str, str], name: str) -> str:
 
 def verify_secret_token(token: str, body: bytes, secrets: Sequence[str]) -> None:
     """Check an HS256 token signed with any of the secrets and its checksums of the body."""
+    verify_checksums(secret_token_claims(token, secrets), body)
+
+
+def secret_token_claims(token: str, secrets: Sequence[str]) -> dict:
+    """Return the claims of an HS256 token signed with any of the secrets, once its signature and claims hold."""
     with reasons_for_token_faults():
-        claims = decode_with_any_secret(token, secrets)
-    verify_checksums(claims, body)
+        return decode_with_any_secret(token, secrets)
 
 
 def decode_with_any_secret(token: str, secrets: Sequence[str]) -> dict:
@@ -115,9 +133,17 @@ def decode_with_any_secret(token: str, secrets: Sequence[str]) -> dict:
 
 def verify_asymmetric_token(token: str, body: bytes, keys: SigningKeys, organization_id: str) -> None:
     """Check an ES256 token from DT's issuer for this organization and its checksum of the body."""
+    verify_checksums(asymmetric_token_claims(token, keys, organization_id), body)
+
+
+def asymmetric_token_claims(token: str, keys: SigningKeys, organization_id: str) -> dict:
+    """Return the claims of an ES256 token from DT's issuer for this organization, once its signature holds.
+
+    A key id not held waits for a fetch of DT's keys (see SigningKeys.key_for).
+    """
     with reasons_for_token_faults():
         key = keys.key_for(key_id(token))
-        claims = jwt.decode(
+        return jwt.decode(
             token,
             key,
             algorithms=["ES256"],
@@ -126,7 +152,6 @@ def verify_asymmetric_token(token: str, body: bytes, keys: SigningKeys, organiza
             options={"require": ["exp", "iat", "iss", "sub", "checksum_sha256"]},
             leeway=LEEWAY_SECONDS,
         )
-    verify_checksums(claims, body)
 
 
 def key_id(token: str) -> str:

@@ -8,13 +8,22 @@ from flask import Blueprint, Response, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import on_event
+from .budget import BodyBudget
 from .components import components
 from .errors import DeliveryError, UnavailableError
 from .events import Event, parse_event
 from .logs import EVENTS_LOGGER, LOGGED, JsonText
+from .server import close_connection_after_answer
 from .store import EventStore
 
 MAX_BODY_BYTES = 256 * 1024  # DT events are a few KB; this bounds what one request can make a worker hold
+# What the bodies of one worker's deliveries in flight may hold together: 64 bodies at the limit, or thousands of DT's.
+BODIES_IN_FLIGHT = BodyBudget(16 * 1024 * 1024)
+# A refused request's body of up to this size is read and dropped by gunicorn, so the connection stays open for the
+# next; a larger or chunked one is left unread and the connection closed (see close_connection_after_answer).
+DRAINED_BODY_BYTES = 8 * 1024
+# Set in a request's environ once its whole body has been read.
+BODY_READ = "receiver.body_read"
 # DT waits 10 s for an answer; every delivery is answered within this, whatever it waits on.
 DEADLINE_SECONDS = 7.0
 # The pool's own wait ends this much before the deadline, so a queued delivery hears why.
@@ -34,19 +43,25 @@ def hint() -> Response:
 
 @blueprint.post("/")
 def receive() -> Response:
-    """Verify, keep, hand over and log one delivery, within the deadline."""
+    """Verify, keep, hand over and log one delivery, within the deadline: its headers before its body is read."""
     deadline = time.monotonic() + DEADLINE_SECONDS
     parts = components()
     with gevent.Timeout(DEADLINE_SECONDS, UnavailableError(f"no answer within {DEADLINE_SECONDS:g} s")):
         if parts.problem:
             log.error("receiver is not configured", extra={"fields": {"problem": parts.problem}})
             raise UnavailableError("receiver is not configured: see its log")
-        body = read_body()
-        parts.verifier.verify(request.headers, body)
-        event = parse_event(body)
-        outcome = "logged" if parts.store is None else keep(event, parts.store, deadline)
-        run_event_handler(event)
-        write_event_line(event, outcome)
+        size = body_size_to_reserve()
+        claims = parts.verifier.verify_headers(request.headers)
+        BODIES_IN_FLIGHT.reserve(size)
+        try:  # no wait between the reservation and here, so no deadline can fire before its release is certain
+            body = read_body()
+            parts.verifier.verify_body(claims, body)
+            event = parse_event(body)
+            outcome = "logged" if parts.store is None else keep(event, parts.store, deadline)
+            run_event_handler(event)
+            write_event_line(event, outcome)
+        finally:
+            BODIES_IN_FLIGHT.release(size)
     return plain_text(outcome + "\n", 200)
 
 
@@ -69,12 +84,39 @@ def turn_away_http(error: HTTPException) -> Response:
     return response
 
 
+def body_size_to_reserve() -> int:
+    """Return the most the body may hold: its Content-Length (413 over the limit), or the limit if it is chunked."""
+    declared = request.content_length
+    if declared is None:
+        return MAX_BODY_BYTES + 1  # what Werkzeug reads of a chunked body before it shows it was cut
+    if declared > MAX_BODY_BYTES:
+        raise RequestEntityTooLarge()
+    return declared
+
+
 def read_body() -> bytes:
     """Return the request's body, or refuse one over the limit."""
     body = request.get_data(cache=False)
     if len(body) > MAX_BODY_BYTES:
         raise RequestEntityTooLarge()
+    request.environ[BODY_READ] = True
     return body
+
+
+@blueprint.after_app_request
+def close_if_body_left_unread(response: Response) -> Response:
+    """Close the connection after answering a request whose body was left unread, unless it is a few KB at most."""
+    if not request.environ.get(BODY_READ) and unread_body_may_be_large():
+        close_connection_after_answer()
+    return response
+
+
+def unread_body_may_be_large() -> bool:
+    """Tell whether the request's body is chunked (its size unknown) or declared larger than a few KB."""
+    declared = request.content_length  # None when chunked, or when there is no body
+    if declared is None:
+        return "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    return declared > DRAINED_BODY_BYTES
 
 
 def keep(event: Event, store: EventStore, deadline: float) -> str:

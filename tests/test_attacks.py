@@ -132,10 +132,11 @@ def test_ten_megabyte_body(server):
 
 
 def test_chunked_body_over_the_limit(server):
-    """A chunked body with no length is cut off at the limit: 413."""
+    """A signed chunked body with no length is cut off at the limit: 413."""
     chunk = b"x" * 65536
     chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(20)) + b"0\r\n\r\n"
-    head = b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\nX-Dt-Signature: x\r\n\r\n"
+    head = (b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
+            b"X-Dt-Signature: %s\r\n\r\n" % sign_body(chunk * 20, SECRET).encode())
     assert raw_exchange(server, head + chunks) == (413, f"body is larger than {MAX_BODY_BYTES} bytes")
 
 

@@ -1,7 +1,8 @@
-"""A loopback TCP forwarder that can go silent: a network partition the tests switch on and off."""
+"""A loopback TCP forwarder that can go silent (a network partition the tests switch on and off) or slow."""
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -9,8 +10,9 @@ from contextlib import contextmanager
 class Blackhole:
     """Forwards each connection on a free loopback port to an upstream address, or swallows its bytes silently."""
 
-    def __init__(self, upstream_host: str, upstream_port: int):
+    def __init__(self, upstream_host: str, upstream_port: int, answer_delay: float = 0.0):
         self.upstream = (upstream_host, upstream_port)
+        self.answer_delay = answer_delay  # seconds each read from upstream waits before it is passed on
         self.swallowing = False
         self._links: list[Link] = []
         self._lock = threading.Lock()
@@ -81,7 +83,8 @@ class Link:
         """Pump bytes both ways, each in its own thread."""
         threading.Thread(target=self._pump, args=(self.client, self.upstream), daemon=True).start()
         if self.upstream is not None:
-            threading.Thread(target=self._pump, args=(self.upstream, self.client), daemon=True).start()
+            threading.Thread(target=self._pump, args=(self.upstream, self.client, self.blackhole.answer_delay),
+                             daemon=True).start()
 
     def close(self) -> None:
         """Close both sockets."""
@@ -93,12 +96,14 @@ class Link:
                     pass
                 end.close()
 
-    def _pump(self, source: socket.socket, destination: socket.socket | None) -> None:
+    def _pump(self, source: socket.socket, destination: socket.socket | None, delay: float = 0.0) -> None:
         while True:
             try:
                 data = source.recv(65536)
             except OSError:
                 data = b""
+            if delay:
+                time.sleep(delay)  # a database farther away: each of its answers takes this much longer
             if self.blackhole.swallowing or destination is None:
                 self.lost_bytes = self.lost_bytes or bool(data)
                 if not data:
