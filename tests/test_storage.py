@@ -192,7 +192,7 @@ DOCUMENTED_QUERIES = {
     "events": (queries.LATEST, LATEST, ("dt_events_time",), True),
     "events --device": (queries.LATEST, {**LATEST, "device": README_DEVICE}, ("dt_events_device_time",), True),
     "prune (one batch)": (queries.PRUNE_ONE_BATCH, "prune", ("dt_events_time", "dt_events_pkey"), True),
-    "prune --dry-run": (queries.PRUNE_ESTIMATE, "before", ("dt_events_time",), False),
+    "prune: a bounded count of old rows": (queries.OLD_ROWS_UP_TO, "count", ("dt_events_time",), False),
     "status: newest event": (queries.NEWEST, None, ("dt_events_time",), True),
     "status: recent counts by type": (queries.RECENT_BY_TYPE, None, ("dt_events_time",), False),
     # Either index serves it, never a full scan: PostgreSQL 15 reads dt_events_time, 18 dt_events_device_time.
@@ -218,7 +218,8 @@ def test_documented_query_is_served_by_an_index(large_table, query, params, inde
     """Each documented query reads the events table through its index, never by scanning the whole table."""
     query = documented_queries(0)[query] if isinstance(query, int) else query
     before = datetime.now(timezone.utc) - timedelta(days=30)
-    params = {"prune": (before, queries.PRUNE_BATCH), "before": (before,)}[params] if isinstance(params, str) else params
+    params = {"prune": {"after": "-infinity", "before": before, "batch": queries.PRUNE_BATCH},
+              "count": (before, queries.EXACT_COUNT_UP_TO + 1)}[params] if isinstance(params, str) else params
     with psycopg.connect(large_table, autocommit=True) as connection, connection.transaction():
         if query is queries.PRUNE_ONE_BATCH:
             # For a batch of 5,000 the planner prefers one pass over a table of up to about 250,000 rows
@@ -301,10 +302,10 @@ def test_prune_keeps_an_event_at_the_cutoff_exactly(make_app, database_url):
                                (event_id, event_time, body))
     runner = make_app(DATABASE_URL=database_url).test_cli_runner()
     dry_run = runner.invoke(args=["prune", "--older-than", "2026-01-01T00:00:00Z", "--dry-run"])
-    assert dry_run.output.startswith("prune: would delete 1 events from before 2026-01-01 00:00 UTC"), dry_run.output
+    assert dry_run.output.startswith("prune: would delete 1 events from before 2026-01-01 00:00:00 UTC"), dry_run.output
     result = runner.invoke(args=["prune", "--older-than", "2026-01-01T00:00:00Z"])
     assert (result.exit_code, result.stdout) == (
-        0, "prune: deleted 1 events from before 2026-01-01 00:00 UTC; PostgreSQL reuses the space for new events\n")
+        0, "prune: deleted 1 events from before 2026-01-01 00:00:00 UTC; PostgreSQL reuses the space for new events\n")
     with psycopg.connect(database_url) as connection:
         kept = [event_id for event_id, in connection.execute("SELECT event_id FROM dt_events ORDER BY event_time")]
     assert kept == ["at", "after"]
