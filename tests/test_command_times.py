@@ -60,7 +60,8 @@ def test_prune_prints_the_cutoff_it_applies_in_utc(make_app, tokyo):
         insert(tokyo, event_id, "emuprune", moment, moment)
     runner = make_app(DATABASE_URL=tokyo).test_cli_runner()
     dry_run = runner.invoke(args=["prune", "--older-than", "2026-01-01T00:00:00+02:00", "--dry-run"])
-    assert dry_run.stdout.startswith("prune: would delete 1 events from before 2025-12-31 22:00:00 UTC, "), dry_run.output
+    assert dry_run.stdout.startswith("prune: would delete 1 events from before 2025-12-31 22:00:00 UTC, "), (
+        dry_run.output)
     result = runner.invoke(args=["prune", "--older-than", "2026-01-01T00:00:00+02:00"])
     assert (result.exit_code, result.stdout) == (
         0, "prune: deleted 1 events from before 2025-12-31 22:00:00 UTC; PostgreSQL reuses the space for new events\n")
@@ -77,4 +78,5 @@ def test_events_prints_its_times_in_utc(make_app, tokyo):
     text = runner.invoke(args=["events", "--since", "2026-11-20T00:00:00Z"])
     assert text.stdout.startswith("2026-11-20T06:00:00Z  emuutc  temperature  utc-1  "), text.output
     [record] = [json.loads(line) for line in runner.invoke(args=["events", "--json"]).stdout.splitlines()]
-    assert (record["event_time"], record["received_at"]) == ("2026-11-20T06:00:00.123456Z", "2026-11-20T06:00:01.123456Z")
+    assert (record["event_time"], record["received_at"]) == (
+        "2026-11-20T06:00:00.123456Z", "2026-11-20T06:00:01.123456Z")

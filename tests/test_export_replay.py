@@ -257,7 +257,8 @@ def test_a_window_holds_its_since_and_not_its_until_so_windows_in_a_row_hold_eac
     first = ["--since", at(start), "--until", "2026-11-20T09:00:00+02:00"]  # the middle, written in another zone
     second = ["--since", at(middle), "--until", at(end)]
     in_first = run(app, "export", *first, "--format", "jsonl")
-    assert [json.loads(line)["event"]["eventId"] for line in in_first.stdout.splitlines()] == ["at-start", "before-middle"]
+    exported = [json.loads(line)["event"]["eventId"] for line in in_first.stdout.splitlines()]
+    assert exported == ["at-start", "before-middle"]
     assert ", 2026-11-20 06:00 to 2026-11-20 07:00 UTC, " in in_first.stderr
     assert [row[-1] for row in csv.reader(io.StringIO(run(app, "export", *second).stdout))] == [
         "event_id", "at-middle", "before-end"]

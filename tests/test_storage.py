@@ -312,7 +312,7 @@ def test_prune_keeps_an_event_at_the_cutoff_exactly(make_app, database_url):
 
 
 def test_prune_deletes_rows_that_share_a_time_across_its_batches(make_app, database_url):
-    """Old rows sharing one time beyond a batch's 5,000 are all deleted: the next batch starts at that time, not after."""
+    """Old rows sharing one time past a batch's 5,000 are all deleted: the next batch starts at that time, not after."""
     with psycopg.connect(database_url, autocommit=True) as connection:
         migrate(connection)
         connection.execute("INSERT INTO dt_events (event_id, event_time, event) SELECT 'tie-' || n, "
