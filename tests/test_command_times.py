@@ -1,7 +1,7 @@
 """Every time a command prints is in UTC, whatever the database session's time zone (here Tokyo's, +09:00)."""
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
@@ -33,7 +33,8 @@ def insert(database_url: str, event_id: str, device_id: str, event_time: datetim
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc).replace(microsecond=0)
+    """Return now in UTC, to the second (as status prints it)."""
+    return datetime.now(UTC).replace(microsecond=0)
 
 
 def test_status_prints_its_times_in_utc(make_app, tokyo):
@@ -54,7 +55,7 @@ def test_status_prints_its_times_in_utc(make_app, tokyo):
 
 def test_prune_prints_the_cutoff_it_applies_in_utc(make_app, tokyo):
     """`prune --older-than` with a +02:00 time prints that instant in UTC, and deletes what is before it alone."""
-    cutoff = datetime(2025, 12, 31, 22, 0, tzinfo=timezone.utc)  # 2026-01-01T00:00:00+02:00
+    cutoff = datetime(2025, 12, 31, 22, 0, tzinfo=UTC)  # 2026-01-01T00:00:00+02:00
     for event_id, moment in (("before", cutoff - timedelta(microseconds=1)), ("at", cutoff),
                              ("after", cutoff + timedelta(hours=1))):
         insert(tokyo, event_id, "emuprune", moment, moment)
@@ -72,7 +73,7 @@ def test_prune_prints_the_cutoff_it_applies_in_utc(make_app, tokyo):
 
 def test_events_prints_its_times_in_utc(make_app, tokyo):
     """`events` prints each event's time in UTC, and `events --json` its time and arrival as RFC 3339 in UTC."""
-    moment = datetime(2026, 11, 20, 6, 0, 0, 123456, tzinfo=timezone.utc)
+    moment = datetime(2026, 11, 20, 6, 0, 0, 123456, tzinfo=UTC)
     insert(tokyo, "utc-1", "emuutc", moment, moment + timedelta(seconds=1))
     runner = make_app(DATABASE_URL=tokyo).test_cli_runner()
     text = runner.invoke(args=["events", "--since", "2026-11-20T00:00:00Z"])

@@ -1,7 +1,7 @@
 """Time the commands (`status`, `events`, `export`, `prune`) on a table of millions of events (docs/database.md).
 
-Run by hand, never in CI: `python tests/benchmark/commands.py` (10 million events: about an hour, and about
-9 GB of disk in a temporary folder; `--events 200000` runs in a minute). It starts a throwaway PostgreSQL
+Run by hand, never in CI: `python tests/benchmark/commands.py` (10 million events: about ten minutes on two
+cores, and 9 GB of disk in a temporary folder; `--events 200000` runs in 15 s). It starts a throwaway PostgreSQL
 of its own (the tests' tests/support/postgres.py, default settings but fsync off), creates the table as a
 worker does (receiver.schema), and loads a project of `--sensors` sensors, each sending a reading and a
 networkStatus heartbeat every 15 minutes, up to now, as DT's compact JSON bodies of about 520 bytes,
