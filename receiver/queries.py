@@ -192,13 +192,25 @@ GROUP BY event_type ORDER BY last_day DESC
 """
 
 # A device is silent when its newest event of the last week is older than three of its usual intervals
-# (and at least an hour): a sensor out of range or out of battery, or a connector that stopped.
+# (and at least an hour): a sensor out of range or out of battery, or a connector that stopped. Each device
+# id is found by one probe of dt_events_device_time (a loose index scan), then its week by another, so
+# what it reads grows with the devices and a week's events, not with the table's age.
 SILENT_DEVICES = """
-SELECT device_id, max(event_time) AS newest, (max(event_time) - min(event_time)) / (count(*) - 1) AS usual_interval
-FROM dt_events WHERE event_time >= now() - interval '7 days' AND device_id IS NOT NULL
-GROUP BY device_id HAVING count(*) > 1
-   AND now() - max(event_time) > greatest(3 * (max(event_time) - min(event_time)) / (count(*) - 1), interval '1 hour')
-ORDER BY newest
+WITH RECURSIVE devices (device_id) AS (
+    (SELECT device_id FROM dt_events WHERE device_id IS NOT NULL ORDER BY device_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT device_id FROM dt_events WHERE device_id > devices.device_id ORDER BY device_id LIMIT 1)
+    FROM devices WHERE devices.device_id IS NOT NULL
+)
+SELECT devices.device_id, week.newest, week.usual_interval
+FROM devices
+CROSS JOIN LATERAL (
+    SELECT count(*) AS events, max(event_time) AS newest,
+           (max(event_time) - min(event_time)) / nullif(count(*) - 1, 0) AS usual_interval
+    FROM dt_events WHERE device_id = devices.device_id AND event_time >= now() - interval '7 days'
+) AS week
+WHERE week.events > 1 AND now() - week.newest > greatest(3 * week.usual_interval, interval '1 hour')
+ORDER BY week.newest
 """
 
 SOURCES = """
