@@ -518,6 +518,21 @@ def test_status_names_a_bad_plan_size(make_app, database_url, plan_mb):
     assert "DATABASE_PLAN_MB" in error_line(result, exit_code=result.exit_code)
 
 
+def test_status_lists_as_silent_only_devices_heard_from_in_the_last_week(make_app, database_url):
+    """A device whose events are all older than a week is no longer listed as silent; one quiet for a day is."""
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        migrate(connection)
+        for device, newest_hours in (("emugone", 24 * 8), ("emuquiet", 24)):
+            connection.execute("INSERT INTO dt_events (event_id, device_id, event_type, event_time, event) "
+                               "SELECT %(device)s || n, %(device)s, 'temperature', "
+                               "now() - %(hours)s * interval '1 hour' - n * interval '15 minutes', '{}' "
+                               "FROM generate_series(0, 12) AS n", {"device": device, "hours": newest_hours})
+    lines = run(make_app(DATABASE_URL=database_url), "status").stdout.splitlines()
+    assert [line for line in lines if line.startswith(("silent", "  emu"))] == [
+        "silent devices: 1 (newest event much older than their usual interval)",
+        lines[[line.startswith("  emuquiet: newest ") for line in lines].index(True)]]
+
+
 def test_status_says_how_full_the_plan_is(make_app, database_url):
     """With DATABASE_PLAN_MB set, the size line adds the database's share of the plan, in whole percent."""
     result = run(make_app(DATABASE_URL=database_url, DATABASE_PLAN_MB="16"), "status")
