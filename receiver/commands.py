@@ -55,7 +55,9 @@ def window_options(command):
     options = (
         click.option("--since", type=Moment(), required=True,
                      help="Start of the window, by the events' own time: RFC 3339, or 36h, 3d back from now."),
-        click.option("--until", type=Moment(), help="End of the window (default: now)."),
+        click.option("--until", type=Moment(),
+                     help="End of the window (default: now), not in it: an event at exactly this time is left "
+                          "for the next window, whose --since it is."),
         click.option("--device", "devices", multiple=True, help="Only this device id (repeatable)."),
         click.option("--type", "event_types", multiple=True, help="Only this event type (repeatable)."),
     )
@@ -131,15 +133,17 @@ def backfill(since: datetime, until: datetime | None, devices: tuple[str, ...], 
 @with_appcontext
 def prune(older_than: datetime, dry_run: bool) -> None:
     """Delete old events in short batches, so deliveries never wait on a long transaction."""
-    cutoff = f"{older_than:%Y-%m-%d %H:%M} UTC"
+    cutoff = f"{utc_text(older_than, '%Y-%m-%d %H:%M:%S')} UTC"
     with database() as connection:
         estimate = queries.prune_estimate(connection, older_than)
         if dry_run:
-            click.echo(f"prune: would delete {estimate['rows']} events from before {cutoff}, "
+            rows = f"{estimate['rows']}" if estimate["exact"] else f"about {estimate['rows']} (the planner's estimate)"
+            click.echo(f"prune: would delete {rows} events from before {cutoff}, "
                        f"about {megabytes(estimate['bytes'])} of the table")
             return
         deleted = 0
-        with click.progressbar(length=estimate["rows"], label="prune", file=sys.stderr) as bar:
+        # Against the estimate: the bar may end short of full, or full early; the count below is exact.
+        with click.progressbar(length=max(estimate["rows"], 1), label="prune", file=sys.stderr) as bar:
             for batch in queries.prune(connection, older_than):
                 deleted += batch
                 bar.update(batch)
@@ -243,7 +247,7 @@ def window_end(since: datetime, until: datetime | None) -> datetime:
 
 def describe_window(window: dict) -> str:
     """Return a window's times and filters for people."""
-    text = f"{window['since'].astimezone(UTC):%Y-%m-%d %H:%M} to {window['until'].astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+    text = f"{utc_text(window['since'], '%Y-%m-%d %H:%M')} to {utc_text(window['until'], '%Y-%m-%d %H:%M')} UTC"
     for name in ("devices", "types"):
         if window[name]:
             text += f", {name} {', '.join(window[name])}"
@@ -308,15 +312,15 @@ def counted(events: Iterator[dict], tally: dict) -> Iterator[dict]:
 def status_lines(report: dict, plan_bytes: int | None, silence_limit: timedelta | None) -> list[str]:
     """Return the status report as lines for people."""
     newest = report["newest"]
-    lines = [f"newest event: {newest['event_time']:%Y-%m-%d %H:%M:%S} UTC ({newest['event_type']}, device "
-             f"{newest['device_id']}), arrived {newest['received_at']:%Y-%m-%d %H:%M:%S} UTC"
+    lines = [f"newest event: {utc_text(newest['event_time'])} UTC ({newest['event_type']}, device "
+             f"{newest['device_id']}), arrived {utc_text(newest['received_at'])} UTC"
              if newest else "newest event: none stored yet"]
     lines += [f"  {row['event_type']}: {row['last_hour']} in the last hour, {row['last_day']} in the last day"
               for row in report["by_type"]] or ["  no events in the last day"]
     silent = report["silent"]
     note = " (newest event much older than their usual interval)" if silent else ""
     lines.append(f"silent devices: {len(silent)}{note}")
-    lines += [f"  {row['device_id']}: newest {row['newest']:%Y-%m-%d %H:%M} UTC, usually every "
+    lines += [f"  {row['device_id']}: newest {utc_text(row['newest'], '%Y-%m-%d %H:%M')} UTC, usually every "
               f"{row['usual_interval'].total_seconds() / 60:.0f} min" for row in silent[:20]]
     sources = report["sources"]
     lines.append(f"backfilled: {sources['history']} of the {sources['all_events']} events of the last 7 days "
@@ -341,6 +345,11 @@ def arrival_line(last_arrival: dict | None, silence_limit: timedelta | None) -> 
                    else ", within HEALTH_STALE_AFTER")
 
 
+def utc_text(moment: datetime, layout: str = "%Y-%m-%d %H:%M:%S") -> str:
+    """Return a time as UTC text, whatever zone it is in (the session's, or the one a person typed)."""
+    return moment.astimezone(UTC).strftime(layout)
+
+
 def megabytes(size: int | None) -> str:
     """Return a byte count in MB for people."""
     return f"{(size or 0) / 1e6:.1f} MB"
@@ -348,9 +357,14 @@ def megabytes(size: int | None) -> str:
 
 def as_record(row: dict) -> dict:
     """Return a stored event as one plain object: its columns and its body."""
-    return {"event_id": row["event_id"], "event_time": row["event_time"].isoformat(), "device_id": row["device_id"],
-            "event_type": row["event_type"], "source": row["source"], "received_at": row["received_at"].isoformat(),
+    return {"event_id": row["event_id"], "event_time": utc_iso(row["event_time"]), "device_id": row["device_id"],
+            "event_type": row["event_type"], "source": row["source"], "received_at": utc_iso(row["received_at"]),
             "body": row["event"]}
+
+
+def utc_iso(moment: datetime, timespec: str = "auto") -> str:
+    """Return a time as RFC 3339 in UTC, ending in Z."""
+    return moment.astimezone(UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
 
 
 def as_text(row: dict) -> str:
@@ -359,7 +373,7 @@ def as_text(row: dict) -> str:
     event = body.get("event") if isinstance(body.get("event"), dict) else {}
     labels = json.dumps(body.get("labels") or {}, ensure_ascii=False)
     data = json.dumps(event.get("data"), ensure_ascii=False)
-    when = row["event_time"].isoformat(timespec="seconds")
+    when = utc_iso(row["event_time"], timespec="seconds")
     return f"{when}  {row['device_id']}  {row['event_type']}  {row['event_id']}  {labels}  {data}"
 
 

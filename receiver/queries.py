@@ -15,6 +15,11 @@ from .store import LAST_ARRIVAL, connection_options, insert_keeping_odd_text
 
 HISTORY_BATCH = 1000
 PRUNE_BATCH = 5000
+# A person waits on a command, not DT: a statement may take this long (the deliveries' 5 s would end `status`
+# and `prune` on a table of millions), and a lock that never frees still ends it.
+COMMANDS_STATEMENT_TIMEOUT = "30min"
+# Up to this many old rows `prune` counts exactly (milliseconds, through dt_events_time); beyond, the planner estimates.
+EXACT_COUNT_UP_TO = 10_000
 STREAM_BATCH = 2000  # rows a server-side cursor hands over per round trip
 
 LATEST = """
@@ -36,19 +41,23 @@ FROM unnest(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::text[])
 ON CONFLICT (event_id) DO NOTHING
 """
 
+# Each batch starts where the last one stopped, so it never walks the index entries of the rows already
+# deleted (dead until vacuumed); >= keeps rows that share the last batch's final time.
 PRUNE_ONE_BATCH = """
-DELETE FROM dt_events WHERE event_id IN (
-    SELECT event_id FROM dt_events WHERE event_time < %s ORDER BY event_time LIMIT %s
+WITH gone AS (
+    DELETE FROM dt_events WHERE event_id IN (
+        SELECT event_id FROM dt_events WHERE event_time >= %(after)s AND event_time < %(before)s
+        ORDER BY event_time LIMIT %(batch)s
+    ) RETURNING event_time
 )
+SELECT count(*) AS deleted, max(event_time) AS reached FROM gone
 """
 
-# Rows, and their share of the table's bytes on disk (heap, TOAST and indexes), older than a time.
-PRUNE_ESTIMATE = """
-SELECT count(*) AS rows,
-       (count(*) * pg_total_relation_size('dt_events') / greatest(
-           (SELECT reltuples FROM pg_class WHERE oid = 'dt_events'::regclass), count(*), 1))::bigint AS bytes
-FROM dt_events WHERE event_time < %s
-"""
+OLD_ROWS = "SELECT FROM dt_events WHERE event_time < %s"
+OLD_ROWS_UP_TO = "SELECT count(*) FROM (" + OLD_ROWS + " LIMIT %s) AS old"  # noqa: S608 (constant text only)
+ALL_ROWS = "SELECT FROM dt_events"
+# -1 until the table is first analyzed (PostgreSQL 14 on): the planner then guesses a third of any range.
+NEVER_ANALYZED = "SELECT reltuples < 0 FROM pg_class WHERE oid = 'dt_events'::regclass"
 
 
 # A window of stored events (export, replay): by the events' own time, which dt_events_time serves (and
@@ -79,6 +88,7 @@ def connect(database_url: str) -> Iterator[psycopg.Connection]:
     """Open one autocommit connection with the table migrated; turn any database fault into one line."""
     try:
         with psycopg.connect(**connection_options(database_url), autocommit=True, row_factory=dict_row) as connection:
+            connection.execute(f"SET statement_timeout = '{COMMANDS_STATEMENT_TIMEOUT}'")
             migrate(connection)
             yield connection
     except psycopg.Error as error:
@@ -139,14 +149,38 @@ def batches(items: Iterable, size: int) -> Iterator[list]:
 
 
 def prune_estimate(connection: psycopg.Connection, before: datetime) -> dict:
-    """Return how many rows are older than a time and about how many bytes deleting them frees."""
-    return connection.execute(PRUNE_ESTIMATE, (before,)).fetchone()
+    """Return about how many rows are older than a time (exactly, if few), and about how many bytes they take.
+
+    Nothing reads every row: a few old rows are counted, more are the planner's estimate, and their bytes are
+    their estimated share of the table's (heap, TOAST and indexes).
+    """
+    if one_value(connection, NEVER_ANALYZED):
+        connection.execute("ANALYZE dt_events")  # reads a sample of at most 30,000 rows
+    counted = one_value(connection, OLD_ROWS_UP_TO, (before, EXACT_COUNT_UP_TO + 1))
+    exact = counted <= EXACT_COUNT_UP_TO
+    rows = counted if exact else planned_rows(connection, OLD_ROWS, (before,))
+    table_rows = max(planned_rows(connection, ALL_ROWS), rows, 1)
+    table_bytes = one_value(connection, "SELECT pg_total_relation_size('dt_events')")
+    return {"rows": rows, "exact": exact, "bytes": round(table_bytes * rows / table_rows)}
+
+
+def one_value(connection: psycopg.Connection, query: str, params: tuple = ()):
+    """Return the one value a query finds."""
+    return connection.cursor(row_factory=tuple_row).execute(query, params).fetchone()[0]
+
+
+def planned_rows(connection: psycopg.Connection, query: str, params: tuple = ()) -> int:
+    """Return how many rows the planner expects a query to return (it reads no rows to say so)."""
+    [explained] = one_value(connection, "EXPLAIN (FORMAT JSON) " + query, params)
+    return round(explained["Plan"]["Plan Rows"])
 
 
 def prune(connection: psycopg.Connection, before: datetime) -> Iterator[int]:
-    """Delete events older than a time in short transactions; yield how many each one deleted."""
-    while deleted := connection.execute(PRUNE_ONE_BATCH, (before, PRUNE_BATCH)).rowcount:
-        yield deleted
+    """Delete events older than a time in short transactions, oldest first; yield how many each one deleted."""
+    params = {"after": "-infinity", "before": before, "batch": PRUNE_BATCH}
+    while (batch := connection.execute(PRUNE_ONE_BATCH, params).fetchone())["deleted"]:
+        params["after"] = batch["reached"]
+        yield batch["deleted"]
 
 
 NEWEST = "SELECT event_time, received_at, device_id, event_type FROM dt_events ORDER BY event_time DESC LIMIT 1"
@@ -158,13 +192,25 @@ GROUP BY event_type ORDER BY last_day DESC
 """
 
 # A device is silent when its newest event of the last week is older than three of its usual intervals
-# (and at least an hour): a sensor out of range or out of battery, or a connector that stopped.
+# (and at least an hour): a sensor out of range or out of battery, or a connector that stopped. Each device
+# id is found by one probe of dt_events_device_time (a loose index scan), then its week by another, so
+# what it reads grows with the devices and a week's events, not with the table's age.
 SILENT_DEVICES = """
-SELECT device_id, max(event_time) AS newest, (max(event_time) - min(event_time)) / (count(*) - 1) AS usual_interval
-FROM dt_events WHERE event_time >= now() - interval '7 days' AND device_id IS NOT NULL
-GROUP BY device_id HAVING count(*) > 1
-   AND now() - max(event_time) > greatest(3 * (max(event_time) - min(event_time)) / (count(*) - 1), interval '1 hour')
-ORDER BY newest
+WITH RECURSIVE devices (device_id) AS (
+    (SELECT device_id FROM dt_events WHERE device_id IS NOT NULL ORDER BY device_id LIMIT 1)
+    UNION ALL
+    SELECT (SELECT device_id FROM dt_events WHERE device_id > devices.device_id ORDER BY device_id LIMIT 1)
+    FROM devices WHERE devices.device_id IS NOT NULL
+)
+SELECT devices.device_id, week.newest, week.usual_interval
+FROM devices
+CROSS JOIN LATERAL (
+    SELECT count(*) AS events, max(event_time) AS newest,
+           (max(event_time) - min(event_time)) / nullif(count(*) - 1, 0) AS usual_interval
+    FROM dt_events WHERE device_id = devices.device_id AND event_time >= now() - interval '7 days'
+) AS week
+WHERE week.events > 1 AND now() - week.newest > greatest(3 * week.usual_interval, interval '1 hour')
+ORDER BY week.newest
 """
 
 SOURCES = """

@@ -486,7 +486,9 @@ def test_status_shows_newest_counts_silent_devices_and_backfilled(make_app, data
 
     assert result.exit_code == 0
     newest = datetime.fromisoformat(live[-1]["timestamp"])
-    [arrived] = [row["received_at"] for row in rows(database_url) if row["event_id"] == live[-1]["eventId"]]
+    # read back in the session's zone (the test cluster's is not UTC), printed by status in UTC
+    [arrived] = [row["received_at"].astimezone(timezone.utc) for row in rows(database_url)
+                 if row["event_id"] == live[-1]["eventId"]]
     newest_silent = datetime.fromisoformat(silent[0]["timestamp"])
     lines = result.stdout.splitlines()
     assert lines[:-2] == [
@@ -514,6 +516,32 @@ def test_status_names_a_bad_plan_size(make_app, database_url, plan_mb):
     result = run(make_app(DATABASE_URL=database_url, DATABASE_PLAN_MB=plan_mb), "status")
     assert result.exit_code in (1, 2)
     assert "DATABASE_PLAN_MB" in error_line(result, exit_code=result.exit_code)
+
+
+def test_status_lists_as_silent_only_devices_heard_from_in_the_last_week(make_app, database_url):
+    """A device whose events are all older than a week is no longer listed as silent; one quiet for a day is."""
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        migrate(connection)
+        for device, newest_hours in (("emugone", 24 * 8), ("emuquiet", 24)):
+            connection.execute("INSERT INTO dt_events (event_id, device_id, event_type, event_time, event) "
+                               "SELECT %(device)s || n, %(device)s, 'temperature', "
+                               "now() - %(hours)s * interval '1 hour' - n * interval '15 minutes', '{}' "
+                               "FROM generate_series(0, 12) AS n", {"device": device, "hours": newest_hours})
+    lines = run(make_app(DATABASE_URL=database_url), "status").stdout.splitlines()
+    assert [line for line in lines if line.startswith(("silent", "  emu"))] == [
+        "silent devices: 1 (newest event much older than their usual interval)",
+        lines[[line.startswith("  emuquiet: newest ") for line in lines].index(True)]]
+
+
+def test_status_says_how_full_the_plan_is(make_app, database_url):
+    """With DATABASE_PLAN_MB set, the size line adds the database's share of the plan, in whole percent."""
+    result = run(make_app(DATABASE_URL=database_url, DATABASE_PLAN_MB="16"), "status")
+    assert result.exit_code == 0, result.output
+    found = re.fullmatch(r"size: events table \d+\.\d MB, database ([\d.]+) MB, (\d+)% of the plan's 16 MB",
+                         result.stdout.splitlines()[-1])
+    assert found, result.stdout
+    share = float(found[1]) * 1e6 / (16 * 2**20) * 100  # the database's MB are rounded to 0.1: about 0.3% here
+    assert abs(int(found[2]) - share) < 1.5, f"{found[2]}% printed, {share:.1f}% of 16 MB"
 
 
 def test_status_with_the_database_down_is_one_line(make_app):

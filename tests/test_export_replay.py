@@ -242,3 +242,27 @@ def test_export_and_replay_of_an_empty_window_succeed_with_nothing(make_app, dat
     assert run(app, "export", *window).stdout == ",".join(HEADER) + "\n"
     assert run(app, "export", *window, "--format", "jsonl").stdout == ""
     assert REPLAYED.fullmatch(run(app, "replay", *window).stdout.strip()).groups() == ("0", "0", "0")
+
+
+def test_a_window_holds_its_since_and_not_its_until_so_windows_in_a_row_hold_each_event_once(make_app, database_url,
+                                                                                              monkeypatch):
+    """An event at exactly --since is in the window and one at exactly --until is not: it is in the next window,
+    whose --since that time is; export (CSV and JSON lines) and replay alike."""
+    app = make_app(DATABASE_URL=database_url)
+    start = datetime(2026, 11, 20, 6, 0, tzinfo=timezone.utc)
+    middle, end, tick = start + timedelta(hours=1), start + timedelta(hours=2), timedelta(microseconds=1)
+    moments = {"before-start": start - tick, "at-start": start, "before-middle": middle - tick, "at-middle": middle,
+               "before-end": end - tick, "at-end": end}
+    store(app.test_client(), *(event_at("touch", moment, event_id) for event_id, moment in moments.items()))
+    first = ["--since", at(start), "--until", "2026-11-20T09:00:00+02:00"]  # the middle, written in another zone
+    second = ["--since", at(middle), "--until", at(end)]
+    in_first = run(app, "export", *first, "--format", "jsonl")
+    exported = [json.loads(line)["event"]["eventId"] for line in in_first.stdout.splitlines()]
+    assert exported == ["at-start", "before-middle"]
+    assert ", 2026-11-20 06:00 to 2026-11-20 07:00 UTC, " in in_first.stderr
+    assert [row[-1] for row in csv.reader(io.StringIO(run(app, "export", *second).stdout))] == [
+        "event_id", "at-middle", "before-end"]
+    handler = Handler(failing=set())
+    monkeypatch.setattr(on_event, "on_event", handler)
+    assert run(app, "replay", *first).exit_code == run(app, "replay", *second).exit_code == 0
+    assert handler.seen == ["at-start", "before-middle", "at-middle", "before-end"]

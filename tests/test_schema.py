@@ -122,7 +122,7 @@ def test_first_release_table_is_upgraded_keeping_every_row_and_then_stores(make_
         assert json.loads(stored[event_id]["event"]) == body, event_id  # the body, now text, is the same document
         assert stored[event_id]["source"] == "connector"
     assert stored["v1-2"]["event_time"] == stored["v1-2"]["received_at"] == UNTIMED_ARRIVAL
-    assert stored["v1-0"]["event_time"].isoformat().replace("+00:00", "Z") == bodies["v1-0"]["event"]["timestamp"]
+    assert stored["v1-0"]["event_time"] == datetime.fromisoformat(bodies["v1-0"]["event"]["timestamp"])
     with psycopg.connect(database_url, autocommit=True) as connection:
         connection.execute("CREATE SCHEMA fresh")
         connection.execute("SET search_path = fresh")

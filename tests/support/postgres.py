@@ -29,6 +29,7 @@ from .server import free_port
 
 PROGRAMS = ("initdb", "pg_ctl", "postgres")
 TEST_ACCOUNT = "dt-receiver-tests"
+SESSION_ZONE = "Asia/Tokyo"
 
 
 def server_programs() -> Path | None:
@@ -141,8 +142,9 @@ class PostgresServer:
 
     def start(self) -> None:
         """Start the server and wait until it accepts connections."""
+        # Sessions in Tokyo's zone, not UTC: a time read back in the session's zone and printed as UTC fails a test.
         options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder} -c max_connections=200"
-                   f" -c fsync={'on' if self.fsync else 'off'}")
+                   f" -c fsync={'on' if self.fsync else 'off'} -c TimeZone={SESSION_ZONE}")
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.folder / "server.log"), "-w", "start")
 
     def stop(self, mode: str = "fast") -> None:
