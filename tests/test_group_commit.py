@@ -196,3 +196,29 @@ def test_a_batch_holds_at_most_500_rows():
 def test_a_batch_holds_at_most_1_mb_of_bodies():
     """Four bodies of 256 KiB and one of a byte, waiting at once: a batch of the four (1 MB exactly), then the byte."""
     assert batch_sizes([256 * 1024] * 4 + [1]) == [4, 1]
+
+
+def test_batch_write_is_given_the_latest_of_its_deliveries_waits():
+    """A batch of a delivery waiting 0.5 s and one waiting 6.5 s is written with about 6.5 s: no one cuts it short."""
+    release, given = threading.Event(), []
+
+    def write(rows, seconds):
+        given.append(seconds)
+        release.wait(5)
+        return [True] * len(rows)
+
+    commits = GroupCommit(write)
+    pool = ThreadPoolExecutor(3)
+    first = pool.submit(commits.save, ("first",), 1, WAIT_SECONDS)
+    while not given:
+        time.sleep(0.01)
+    waiting = []
+    for row, wait in (("short", 0.5), ("long", WAIT_SECONDS)):  # in this order: the longer wait joins last
+        waiting.append(pool.submit(commits.save, (row,), 1, wait))
+        while sum(len(batch.rows) for batch in commits._waiting) < len(waiting):
+            time.sleep(0.001)
+    release.set()
+    assert first.result() is True and [future.result() for future in waiting] == [True, True]
+    assert WAIT_SECONDS - 1 < given[1] <= WAIT_SECONDS
+    pool.shutdown()
+    commits.close()
