@@ -1,4 +1,4 @@
-"""A database that takes connections and never answers, met by the real gevent worker: its own deadlines end each wait."""
+"""A database that takes connections and never answers, met by the real gevent worker: its own deadlines end waits."""
 
 import json
 import os
@@ -37,7 +37,7 @@ def wait_for_backend(admin: psycopg.Connection, condition: str, seconds: float =
 
 
 def test_health_answers_within_3_s_while_the_database_never_answers(start_server, postgres, database_url):
-    """With PostgreSQL frozen after the pool connected (connections taken, queries never answered), /health is 503 in 3 s."""
+    """With PostgreSQL frozen once the pool connected (connections taken, queries unanswered), /health 503s in 3 s."""
     server = start_server(DT_SIGNATURE_SECRET=SECRET, DATABASE_URL=database_url, WEB_CONCURRENCY="1")
     assert get_health(server) == (200, {"ok": True, "problems": {}})
     with postgres.frozen():
@@ -50,7 +50,7 @@ def test_health_answers_within_3_s_while_the_database_never_answers(start_server
 
 @pytest.mark.slow
 def test_batch_writer_stuck_on_a_silent_backend_gives_up_at_its_deadline(start_server, database_url):
-    """A batch whose backend stops answering mid-write is given up at its deliveries' deadline; the next delivery stores.
+    """A batch whose backend stops answering mid-write is given up at its deliveries' deadline; the next one stores.
 
     The batch's write is made to wait on a lock, then its backend is frozen (SIGSTOP): the server never answers and
     its statement timeout cannot fire, so only the writer's own deadline frees the worker's one writer.
