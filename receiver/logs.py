@@ -7,9 +7,9 @@ import logging.config
 import re
 from typing import Any
 
-# libpq's messages name hosts and users; these fixed forms say what went wrong and nothing more.
+# libpq's messages name hosts, ports, users and databases; these fixed forms say what went wrong and nothing more.
 DATABASE_FAULTS = (
-    (re.compile(r'database "([^"]*)" does not exist'), lambda match: f'database "{match[1]}" does not exist'),
+    (re.compile(r'database "[^"]*" does not exist'), lambda _: "the database DATABASE_URL names does not exist"),
     (re.compile(r"password authentication failed|no password supplied"), lambda _: "password authentication failed"),
     (re.compile(r"Connection refused|could not connect"), lambda _: "connection refused"),
     (re.compile(r"timeout|timed out|canceling statement", re.I), lambda _: "timeout"),
@@ -26,6 +26,14 @@ DATABASE_FAULTS = (
     (re.compile(r"permission denied"), lambda _: "permission denied"),
     (re.compile(r"could not extend file|No space left on device|disk full", re.I), lambda _: "disk full"),
     (re.compile(r'relation "dt_events" does not exist|column .* does not exist'), lambda _: "table not migrated yet"),
+)
+
+# How libpq and psycopg name a server or a setting in a message a library logs as text of its own.
+CONNECTION_NAMES = (
+    (re.compile(r'connection to server (?:at "[^"]*"(?: \([^)]*\))?, port \d+|on socket "[^"]*")'),
+     "connection to the database server"),
+    (re.compile(r'\b(role|database|user) "[^"]*"'), r"\1 ..."),
+    (re.compile(r"\b(host|hostaddr|port|user|dbname|password)=(?:'(?:[^'\\]|\\.)*'|\S+)"), r"\1=..."),
 )
 
 # What a valid JSON text may hold raw that some readers take for the end of a line.
@@ -106,7 +114,14 @@ def library_message(record: logging.LogRecord) -> str:
     args = record.args if isinstance(record.args, tuple) else ()
     shown = tuple(database_fault(arg) if isinstance(arg, BaseException)
                   else arg if isinstance(arg, (str, int, float)) else type(arg).__name__ for arg in args)
-    return f"{record.name}: " + (record.msg % shown if shown else str(record.msg))
+    return f"{record.name}: " + unnamed_connections(record.msg % shown if shown else str(record.msg))
+
+
+def unnamed_connections(text: str) -> str:
+    """Return a library's text with the servers, ports, users and databases it names left out."""
+    for pattern, replacement in CONNECTION_NAMES:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 def database_fault(error: BaseException) -> str:

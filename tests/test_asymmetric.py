@@ -11,7 +11,7 @@ from support.server import deliver
 from support.signing import SECRET, base64url, claims_for, hand_made_hs256, signed_delivery, token_with
 
 from receiver.errors import SignatureError, UnavailableError
-from receiver.keys import SigningKeys
+from receiver.keys import FETCH_SECONDS, SigningKeys
 from receiver.sample import encode_body, sample_event
 from receiver.signatures import verify_asymmetric_token
 
@@ -156,6 +156,40 @@ def test_unknown_kid_refreshes_once_per_default_interval_then_finds_the_new_key(
     clock.now += 1
     verify_asymmetric_token(issuer.token(BODY, "k2"), BODY, keys, ORGANIZATION_ID)
     assert issuer.fetches == 2
+
+
+def test_keys_older_than_an_hour_are_refreshed_by_default(issuer):
+    """With no max_age given, a key set an hour old is still used as it is; a second later it is fetched again."""
+    clock = FakeClock()
+    keys = SigningKeys(issuer.url, clock=clock)
+    assert keys.key_for("k1").key_id == "k1"
+    issuer.published.remove("k1")  # DT retires k1
+    issuer.add_key("k2")
+    clock.now += 3600
+    assert keys.key_for("k1").key_id == "k1"
+    wait_for_fetches_to_end(keys)
+    assert issuer.fetches == 1
+    clock.now += 1
+    assert keys.key_for("k1").key_id == "k1"  # held: the refresh runs in the background
+    wait_for_fetches_to_end(keys)
+    assert issuer.fetches == 2
+    with pytest.raises(SignatureError, match="unknown key"):
+        keys.key_for("k1")
+    assert keys.key_for("k2").key_id == "k2"
+
+
+def test_fetch_from_a_trickling_endpoint_ends_within_its_bound(issuer, log_lines):
+    """An endpoint that sends a byte every 0.1 s (each read well inside its timeout) is given up on at FETCH_SECONDS."""
+    issuer.trickle = 0.1  # its two documents would take over 30 s
+    keys = SigningKeys(issuer.url, clock=FakeClock())
+    started = time.monotonic()
+    with pytest.raises(UnavailableError):
+        keys.key_for("k1")
+    while not (failed := [line for line in log_lines() if line["msg"] == "could not fetch DT's signing keys"]):
+        assert time.monotonic() - started < FETCH_SECONDS + 1, "the fetch outlived its bound"
+        time.sleep(0.05)
+    assert FETCH_SECONDS - 0.5 < time.monotonic() - started
+    assert failed == [{"level": "warning", "msg": "could not fetch DT's signing keys", "error": "TimeoutError"}]
 
 
 @pytest.mark.parametrize("held", [False, True], ids=["no key held", "keys held"])

@@ -159,3 +159,66 @@ def test_burst_on_one_worker_is_committed_in_fewer_transactions(start_server, da
     assert Counter(answers) == {(200, "stored\n"): 32}
     transactions = committed(database_url)
     assert len(transactions) == 33 and len({transactions[f"burst-{n}"] for n in range(32)}) < 32
+
+
+def batch_sizes(row_bytes: list[int]) -> list[int]:
+    """Return how many rows each write took when rows of these sizes wait behind a write in flight."""
+    release, written = threading.Event(), []
+
+    def write(batch, seconds):
+        written.append(len(batch))
+        release.wait(10)
+        return [True] * len(batch)
+
+    commits = GroupCommit(write)
+    rows = len(row_bytes)
+    pool = ThreadPoolExecutor(rows + 1)
+    first = pool.submit(commits.save, ("first",), 1, WAIT_SECONDS)
+    while not written:
+        time.sleep(0.01)
+    waiting = [pool.submit(commits.save, (f"row-{n}",), size, WAIT_SECONDS) for n, size in enumerate(row_bytes)]
+    deadline = time.monotonic() + 10
+    while sum(len(batch.rows) for batch in commits._waiting) < rows:  # every row handed over
+        assert time.monotonic() < deadline, "the rows never reached the writer"
+        time.sleep(0.01)
+    release.set()
+    assert first.result() is True and [future.result() for future in waiting] == [True] * rows
+    pool.shutdown()
+    commits.close()
+    return written[1:]
+
+
+def test_a_batch_holds_at_most_500_rows():
+    """501 small rows waiting at once are written as a batch of 500, then one of 1."""
+    assert batch_sizes([100] * 501) == [500, 1]
+
+
+def test_a_batch_holds_at_most_1_mb_of_bodies():
+    """Four bodies of 256 KiB and one of a byte, waiting at once: a batch of the four (1 MB exactly), then the byte."""
+    assert batch_sizes([256 * 1024] * 4 + [1]) == [4, 1]
+
+
+def test_batch_write_is_given_the_latest_of_its_deliveries_waits():
+    """A batch of a delivery waiting 0.5 s and one waiting 6.5 s is written with about 6.5 s: no one cuts it short."""
+    release, given = threading.Event(), []
+
+    def write(rows, seconds):
+        given.append(seconds)
+        release.wait(5)
+        return [True] * len(rows)
+
+    commits = GroupCommit(write)
+    pool = ThreadPoolExecutor(3)
+    first = pool.submit(commits.save, ("first",), 1, WAIT_SECONDS)
+    while not given:
+        time.sleep(0.01)
+    waiting = []
+    for row, wait in (("short", 0.5), ("long", WAIT_SECONDS)):  # in this order: the longer wait joins last
+        waiting.append(pool.submit(commits.save, (row,), 1, wait))
+        while sum(len(batch.rows) for batch in commits._waiting) < len(waiting):
+            time.sleep(0.001)
+    release.set()
+    assert first.result() is True and [future.result() for future in waiting] == [True, True]
+    assert WAIT_SECONDS - 1 < given[1] <= WAIT_SECONDS
+    pool.shutdown()
+    commits.close()

@@ -36,16 +36,17 @@ class DataConnector:
         self.acknowledged_but_absent = []
         self.deadline = time.monotonic() + TIME_LIMIT_SECONDS  # then give up, as DT does after 12 hours
         self._lock = threading.Lock()
+        self._probes = threading.local()  # each thread's connection for looking up rows
 
     def deliver(self, event_id: str) -> None:
-        """Deliver one event until it is acknowledged, then check it was committed by then."""
+        """Deliver one event until it is acknowledged; at each 200, check the row is committed before reading on."""
         wait = FIRST_RETRY_SECONDS
         for attempt in itertools.count():
             with self._lock:
                 self.deliveries += 1
                 self.retries += attempt > 0
             try:
-                status, text = self.server.post(*signed_delivery(sample_event(event_id=event_id)), timeout=10)
+                status, text = self._post(event_id)
             except (OSError, http.client.HTTPException):  # refused, reset or cut off mid-answer: a failure to DT
                 status, text = None, ""
             with self._lock:
@@ -58,19 +59,40 @@ class DataConnector:
             wait = min(wait * 2, LONGEST_RETRY_SECONDS)
         with self._lock:
             self.acknowledged.add(event_id)
-        self._confirm_committed(event_id)
+
+    def _post(self, event_id: str) -> tuple[int, str]:
+        """POST the event; on a 200, before its body is read, look for its row (the answer must follow the commit)."""
+        body, headers = signed_delivery(sample_event(event_id=event_id))
+        connection = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=10)
+        try:
+            connection.request("POST", "/", body=body, headers=headers)
+            answer = connection.getresponse()  # the status line and headers only
+            if answer.status == 200:
+                self._confirm_committed(event_id)
+            return answer.status, answer.read().decode()
+        finally:
+            connection.close()
 
     def _confirm_committed(self, event_id: str) -> None:
         try:
-            with psycopg.connect(self.database_url, connect_timeout=2) as connection:
-                found = connection.execute("SELECT 1 FROM dt_events WHERE event_id = %s", (event_id,)).fetchone()
-        except psycopg.OperationalError:
+            connection = self._probe_connection()
+            found = connection.execute("SELECT 1 FROM dt_events WHERE event_id = %s", (event_id,)).fetchone()
+        except psycopg.OperationalError:  # the database is restarting: its row is looked for at the end
+            self._probes.connection = None
             with self._lock:
                 self.unconfirmed.append(event_id)
             return
         if not found:
             with self._lock:
                 self.acknowledged_but_absent.append(event_id)
+
+    def _probe_connection(self) -> psycopg.Connection:
+        """Return this thread's open connection, so that a probe costs one round trip, not a connect."""
+        connection = getattr(self._probes, "connection", None)
+        if connection is None or connection.closed:
+            connection = psycopg.connect(self.database_url, connect_timeout=2, autocommit=True)
+            self._probes.connection = connection
+        return connection
 
 
 def stored_event_ids(database_url: str) -> list[str]:

@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 
+import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from support.issuer import ORGANIZATION_ID
@@ -18,6 +19,7 @@ from support.signing import SECRET, signed_delivery
 
 from receiver.sample import sample_event
 from receiver.server import LOG_PIPE_BYTES
+from receiver.settings import setting_warnings
 
 
 def test_signed_event_through_the_procfile_server(start_server):
@@ -73,6 +75,17 @@ def test_short_secret_warns_once_at_start(start_server):
     warnings = [line for line in server.log_lines() if line["level"] == "warning"]
     assert len(warnings) == 1 and "shorter than 32 bytes" in warnings[0]["msg"]
     assert "InsecureKeyLengthWarning" not in server.output()
+
+
+@pytest.mark.parametrize("name", ["DT_SIGNATURE_SECRET", "DT_SIGNATURE_SECRET_PREVIOUS"])
+@pytest.mark.parametrize("secret, warned", [
+    ("s" * 31, True), ("s" * 32, False),
+    ("\u00e9" * 15 + "s", True), ("\u00e9" * 16, False),  # counted in bytes: 16 two-byte letters are 32 bytes
+], ids=["31 bytes", "32 bytes", "31 bytes in 16 letters", "32 bytes in 16 letters"])
+def test_short_secret_warning_starts_below_32_bytes(name, secret, warned):
+    """A secret of 31 bytes is warned of at start, one of 32 bytes is not, whichever secret setting holds it."""
+    expected = [f"{name} is shorter than 32 bytes: use a longer random secret"] if warned else []
+    assert setting_warnings({"DT_SIGNATURE_SECRET": SECRET, name: secret}) == expected
 
 
 def test_sigterm_lets_an_in_flight_request_finish(start_server):

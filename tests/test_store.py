@@ -1,7 +1,10 @@
 """The Postgres sink against a real server: rows, duplicates, outages and crashes."""
 
+import http.client
+import itertools
 import json
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -11,6 +14,7 @@ from datetime import datetime
 import psycopg
 import pytest
 from support.docs import documented_queries
+from support.postgres import database_name
 from support.signing import SECRET, signed_delivery
 
 from receiver.sample import encode_body, sample_event, sign_body
@@ -74,6 +78,19 @@ def test_schema_has_the_indexes_users_query_by(make_app, database_url):
     indexes = {row["indexdef"].split(" USING btree ")[1] for row in rows(
         database_url, "SELECT indexdef FROM pg_indexes WHERE tablename = 'dt_events'")}
     assert indexes == {"(event_id)", "(device_id, event_time)", "(event_time)"}
+
+
+def test_each_worker_prepares_the_table_as_it_boots(start_server, postgres, database_url):
+    """With no delivery sent, each of three workers connects, prepares the table and logs that the database is ready."""
+    server = start_server(DT_SIGNATURE_SECRET=SECRET, DATABASE_URL=database_url, WEB_CONCURRENCY="3")
+    deadline = time.monotonic() + 15
+    while len(ready := [line for line in server.log_lines() if line["msg"] == "database ready"]) < 3:
+        assert time.monotonic() < deadline, server.output()
+        time.sleep(0.1)
+    assert len(ready) == 3 and [row["n"] for row in rows(database_url, "SELECT count(*) AS n FROM dt_events")] == [0]
+    count = "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'dt-receiver' AND datname = %s"
+    assert rows(postgres.url(), count, database_name(database_url))[0]["n"] >= 3  # a pool open in each worker
+    assert not [line for line in server.log_lines() if "event" in line["msg"]]
 
 
 UNUSUAL_BODIES = {
@@ -163,16 +180,78 @@ def test_unreachable_database_at_start_still_serves_503(start_server, postgres):
     assert rejected == [(503, "database unavailable: connection refused")]
 
 
+class Deliverer:
+    """Clients that deliver new events one after another until told to stop, noting which were answered 200."""
+
+    def __init__(self, server, clients: int):
+        self.server = server
+        self.sent: list[str] = []
+        self.acknowledged: set[str] = set()
+        self.stopping = threading.Event()
+        self._numbers = itertools.count()  # its next() is atomic: each number goes to one client
+        self._pool = ThreadPoolExecutor(clients)
+        self._clients = [self._pool.submit(self._deliver) for _ in range(clients)]
+
+    def _deliver(self) -> None:
+        while not self.stopping.is_set():
+            event_id = f"kill-{next(self._numbers):05d}"
+            self.sent.append(event_id)
+            try:
+                status, _ = self.server.post(*signed_delivery(sample_event(event_id=event_id)), timeout=15)
+            except (OSError, http.client.HTTPException):  # the server was killed mid-answer
+                continue
+            if status == 200:
+                self.acknowledged.add(event_id)
+
+    def stop(self) -> None:
+        """Stop delivering and wait for the clients to end."""
+        self.stopping.set()
+        for client in self._clients:
+            client.result(timeout=30)
+        self._pool.shutdown()
+
+
+WAITING_WRITE = "application_name = 'dt-receiver' AND wait_event_type = 'Lock'"
+
+
+def wait_for_writes(connection: psycopg.Connection, kind: str) -> None:
+    """Wait until one of the receiver's single-row ("alone") or batch inserts waits on a lock (autocommit: a
+    transaction would see the same snapshot of pg_stat_activity throughout)."""
+    query = f"SELECT count(*) FROM pg_stat_activity WHERE {WAITING_WRITE} AND (query LIKE '%%unnest%%') = %s"
+    deadline = time.monotonic() + 4  # within the statement timeout of the first waiting write
+    while not connection.execute(query, (kind == "batch",)).fetchone()[0]:
+        assert time.monotonic() < deadline, f"no {kind} insert waits on the table"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
 def test_sigkill_and_restart_lose_nothing_acknowledged(start_server, database_url):
-    """Every event answered 200 before the server was killed is stored; resent ones are not doubled."""
+    """Killed while deliveries and batches are in flight, the server has committed every event it answered 200."""
     server = start_server(DT_SIGNATURE_SECRET=SECRET, DATABASE_URL=database_url)
-    acknowledged = [f"kill-{n}" for n in range(20) if server.post(*signed_delivery(sample_event(event_id=f"kill-{n}")))[0] == 200]
-    server.stop(signal.SIGKILL)
+    deliverer = Deliverer(server, clients=16)
+    try:
+        time.sleep(1)  # events stored and answered at full speed
+        with psycopg.connect(database_url) as blocker, psycopg.connect(database_url, autocommit=True) as watcher:
+            blocker.execute("LOCK TABLE dt_events IN ACCESS EXCLUSIVE MODE")  # writes pile up behind it
+            wait_for_writes(watcher, "alone")
+            time.sleep(0.2)  # deliveries arriving meanwhile join batches behind the single-row writes
+            watcher.execute(f"SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE {WAITING_WRITE} "
+                            "AND query NOT LIKE '%%unnest%%'", ())  # so the batches go to the table, and wait there
+            wait_for_writes(watcher, "batch")
+            server.stop(signal.SIGKILL)
+            committed = {row[0] for row in blocker.execute("SELECT event_id FROM dt_events")}
+    finally:
+        deliverer.stop()
+    assert len(deliverer.acknowledged) > 50 and deliverer.acknowledged <= committed
+    sent = sorted(set(deliverer.sent))
+    assert len(sent) > len(deliverer.acknowledged)  # some were in flight at the kill
     server = start_server(DT_SIGNATURE_SECRET=SECRET, DATABASE_URL=database_url)
-    answers = [server.post(*signed_delivery(sample_event(event_id=f"kill-{n}")))[1] for n in range(25)]
-    assert answers == ["duplicate\n"] * 20 + ["stored\n"] * 5
-    assert len(acknowledged) == 20
-    assert [row["event_id"] for row in rows(database_url)] == sorted(f"kill-{n}" for n in range(25))
+    with ThreadPoolExecutor(8) as pool:
+        answers = dict(zip(sent, pool.map(lambda event_id: server.post(
+            *signed_delivery(sample_event(event_id=event_id)))[1], sent), strict=True))
+    assert {answers[event_id] for event_id in deliverer.acknowledged} == {"duplicate\n"}
+    assert set(answers.values()) <= {"stored\n", "duplicate\n"}
+    assert [row["event_id"] for row in rows(database_url, "SELECT event_id FROM dt_events ORDER BY 1")] == sent
 
 
 def test_sigterm_closes_every_database_connection(start_server, postgres, database_url):

@@ -14,6 +14,7 @@ runs a copy of them in its own temporary folder.
 import importlib.util
 import os
 import pwd
+import resource
 import shutil
 import signal
 import subprocess
@@ -109,9 +110,16 @@ def _copy_wheel(programs: Path, into: Path, account: pwd.struct_passwd) -> Path:
 class PostgresServer:
     """One PostgreSQL cluster in a temporary folder, listening on a free loopback port."""
 
-    def __init__(self, programs: Path, fsync: bool = True):
+    def __init__(self, programs: Path, fsync: bool = True, largest_file_bytes: int | None = None):
+        """Make the cluster; with largest_file_bytes, no process of the server may write a file past that size.
+
+        That limit (RLIMIT_FSIZE, whose signal PostgreSQL ignores) is met as a full disk is: a table that must grow
+        past it fails with `could not extend file`, and nothing else does, since WAL then comes in 1 MB segments.
+        Unlike a small file system, it needs no root and no mount.
+        """
         self.programs = programs
         self.fsync = fsync
+        self.largest_file_bytes = largest_file_bytes
         self.port = free_port()
         self.folder = Path(tempfile.mkdtemp(prefix="dt-receiver-pg-"))
         self.data = self.folder / "data"
@@ -119,7 +127,8 @@ class PostgresServer:
         try:
             if os.geteuid() == 0:
                 self._run_as_account()
-            self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+            wal = ["--wal-segsize=1"] if largest_file_bytes else []
+            self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", *wal)
         except BaseException:
             shutil.rmtree(self.folder, ignore_errors=True)
             raise
@@ -145,7 +154,8 @@ class PostgresServer:
         # Sessions in Tokyo's zone, not UTC: a time read back in the session's zone and printed as UTC fails a test.
         options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.folder} -c max_connections=200"
                    f" -c fsync={'on' if self.fsync else 'off'} -c TimeZone={SESSION_ZONE}")
-        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.folder / "server.log"), "-w", "start")
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.folder / "server.log"), "-w", "start",
+                  largest_file_bytes=self.largest_file_bytes)
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server: `fast` as a restart does, `immediate` as a crash does."""
@@ -205,9 +215,12 @@ class PostgresServer:
                        capture_output=True, check=False)
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def _run(self, program: str, *arguments: str) -> None:
+    def _run(self, program: str, *arguments: str, largest_file_bytes: int | None = None) -> None:
+        def limit_files() -> None:  # in the child, before it runs the program: inherited by all it starts
+            resource.setrlimit(resource.RLIMIT_FSIZE, (largest_file_bytes, largest_file_bytes))
         done = subprocess.run([*self.run_as, str(self.programs / program), *arguments], capture_output=True,
-                              text=True, cwd=self.folder, check=False)
+                              text=True, cwd=self.folder, check=False,
+                              preexec_fn=limit_files if largest_file_bytes else None)
         if done.returncode != 0:  # name the program and what it said, which CalledProcessError leaves out
             raise RuntimeError(f"{self.programs / program} {' '.join(arguments)} failed ({done.returncode}): "
                                f"{(done.stderr or done.stdout).strip()}")
