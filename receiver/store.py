@@ -18,7 +18,7 @@ from .errors import ConfigError, UnavailableError
 from .events import Event
 from .group_commit import GroupCommit
 from .logs import database_fault
-from .schema import migrate
+from .schema import VERSION, NewerSchemaError, build_indexes, migrate
 
 log = logging.getLogger("receiver")
 
@@ -33,6 +33,9 @@ KEEPALIVE_SECONDS = 5
 RECONNECT_SECONDS = 2
 # At start, until the table is ready, the schema check is retried this often.
 PREPARE_RETRY_SECONDS = 2
+# What a statement raises when the table, a column or its type is not there (a reset database, a restore
+# without the table): the store prepares the table again.
+SCHEMA_LOST = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedObject)
 
 # Pushed events, a batch at a time (receiver/group_commit.py); their source is the column's default, 'connector'.
 # Binary arrays: as text, every quote in every body would be escaped, at several times the cost of the rest.
@@ -53,10 +56,11 @@ RETURNING event_id
 """
 
 # How long ago the newest event the Data Connector pushed arrived (nothing if none ever did), for /health
-# and `status`. Newest by event_time, which dt_events_time serves backwards from its end (received_at has
-# no index, and one would cost every event about 20 bytes); backfilled rows are skipped, since DT's history
-# says nothing about the connector. An event dated in the future would hide every later arrival behind
-# it, so beyond a few minutes of clock difference it is left out.
+# and `status`. Newest by event_time, which dt_events_connector_time (pushed rows only) serves backwards
+# from its end, so however many backfilled rows are newer, none is read: DT's history says nothing about
+# the connector. (Until that index is built, dt_events_time serves it, skipping backfilled rows.) An event
+# dated in the future would hide every later arrival behind it, so beyond a few minutes of clock
+# difference it is left out.
 LAST_ARRIVAL = """
 SELECT now() - received_at AS age FROM dt_events
 WHERE source = 'connector' AND event_time <= now() + interval '5 minutes'
@@ -139,8 +143,9 @@ class EventStore:
         """Commit rows in one statement within the wait; return, for each, whether it is new."""
         if len(rows) == 1:
             query, params = INSERT_ONE, rows[0]
-        else:
-            query, params = INSERT, [list(column) for column in zip(*rows, strict=True)]
+        else:  # by event id, as backfill inserts: two inserts of the same ids never wait on each other in a cycle
+            ordered = sorted(rows, key=lambda row: row[0])  # stable: of two rows with one id, the first is written
+            query, params = INSERT, [list(column) for column in zip(*ordered, strict=True)]
         # A deadline of its own: a frozen server never answers, and no delivery's may cut short a batch others wait on.
         with gevent.Timeout(wait_seconds, UnavailableError("database unavailable: timeout")):
             with self._connection(wait_seconds) as connection:
@@ -167,7 +172,18 @@ class EventStore:
         except psycopg.Error as error:
             fault = database_fault(error)
             self.note_fault(fault)
+            if isinstance(error, SCHEMA_LOST):
+                self._prepare_again(fault)
             raise UnavailableError(f"database error: {fault}") from None
+
+    def _prepare_again(self, fault: str) -> None:
+        """The table (or its type) is gone, as after a reset or a restore without it: prepare it again, once."""
+        with self._started:
+            if not self._ready.is_set() or self._closed.is_set():
+                return  # already preparing
+            self._ready.clear()
+        self.note_fault(f"{fault}: preparing the table again")
+        threading.Thread(target=self._prepare, name="dt_events schema", daemon=True).start()
 
     def _prepare(self) -> None:
         """Migrate the table, logging whether the database answered (and each new cause), until it is ready."""
@@ -180,12 +196,28 @@ class EventStore:
                 self._attempted.set()  # the pool's own attempt has named the cause, if it failed
             except psycopg.Error as error:
                 self.note_fault(database_fault(error))
+            except NewerSchemaError as error:
+                self.note_fault(str(error))
             else:
                 self._ready.set()
                 self._attempted.set()
                 log.info("database ready", extra={"fields": {"schema_version": version}})
+                if version == VERSION:
+                    self._build_indexes()
                 return
             self._closed.wait(PREPARE_RETRY_SECONDS)
+
+    def _build_indexes(self) -> None:
+        """Build the indexes a large table was migrated without, while deliveries go on (receiver/schema.py)."""
+        started = time.monotonic()
+        try:
+            with self._pool.connection(timeout=CONNECT_TIMEOUT_SECONDS) as connection:
+                built = build_indexes(connection)
+        except psycopg.Error as error:  # the next start tries again
+            log.warning("index not built", extra={"fields": {"cause": database_fault(error)}})
+            return
+        for name in built:
+            log.info("index built", extra={"fields": {"index": name, "seconds": round(time.monotonic() - started)}})
 
 
 class FaultNamingConnection(psycopg.Connection):
