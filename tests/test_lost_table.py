@@ -25,7 +25,7 @@ def drop_table(postgres, database_url: str) -> None:
 
 
 def reset_database(postgres, database_url: str) -> None:
-    """Drop the database and create it again empty under the same name, as `heroku pg:reset` does (DATABASE_URL kept)."""
+    """Drop the database and create it again, empty, under its name, as `heroku pg:reset` does (DATABASE_URL kept)."""
     name = sql.Identifier(database_name(database_url))
     with psycopg.connect(postgres.url(), autocommit=True) as connection:
         connection.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(name))
