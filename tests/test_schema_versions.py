@@ -1,6 +1,8 @@
 """The schema in both directions: an older release's lower version healed, a newer schema left as it is, a table
 restored without dt_schema known by its columns, and every step harmless to run again."""
 
+import time
+
 import psycopg
 import pytest
 from psycopg.rows import dict_row
@@ -137,3 +139,38 @@ def test_a_table_restored_without_dt_schema_is_known_by_its_columns(make_app, da
         {"event_id": "after-restore", "name": "temperature"}, {"event_id": "restored-1", "name": "touch"}]
     assert [row["event_id"] for row in query(database_url, "SELECT event_id FROM dt_events ORDER BY 1")] == [
         "after-restore", "restored-1"]
+
+
+def building_concurrently(database_url: str) -> bool:
+    """Tell whether a CREATE INDEX CONCURRENTLY is under way on the database."""
+    return query(database_url, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'CREATE INDEX CONCURRENTLY%%' "
+                               "AND datname = current_database()")[0]["count"] > 0
+
+
+def test_a_large_table_gets_the_pushed_rows_index_concurrently_while_deliveries_are_stored(make_app, database_url,
+                                                                                          log_lines):
+    """On a version-3 table too large to index inside the migration, the worker is ready at once and builds the
+    index CONCURRENTLY: while the build waits for a long transaction, deliveries are stored; then it completes."""
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        migrate(connection)
+        connection.execute("DROP INDEX dt_events_connector_time")
+        connection.execute("UPDATE dt_schema SET version = 3, compatible_from = NULL")
+        connection.execute("INSERT INTO dt_events (event_id, event_time, event) "
+                           "SELECT 'old-' || n, now() - n * interval '1 minute', '{}' FROM generate_series(1, 20000) n")
+    with psycopg.connect(database_url) as report:
+        report.execute("INSERT INTO dt_events (event_id, event_time, event) VALUES ('open', now(), '{}')")
+        app = make_app(DATABASE_URL=database_url)
+        app.extensions["receiver"].store.start()
+        give_up_at = time.monotonic() + 10
+        while not building_concurrently(database_url):
+            assert time.monotonic() < give_up_at, "no concurrent build began"
+            time.sleep(0.05)
+        assert deliver(app, "during-build") == (200, "stored")
+        assert query(database_url, "SELECT version FROM dt_schema") == [{"version": VERSION}]
+    give_up_at = time.monotonic() + 10
+    while building_concurrently(database_url):
+        assert time.monotonic() < give_up_at, "the build never ended"
+        time.sleep(0.05)
+    assert query(database_url, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'dt_events_connector_time'::regclass"
+                 ) == [{"indisvalid": True}]
+    assert [line["index"] for line in log_lines() if line["msg"] == "index built"] == ["dt_events_connector_time"]
