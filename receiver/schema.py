@@ -132,12 +132,23 @@ COMMENT ON VIEW dt_readings IS
     'One row per measured quantity per sample of the stored DT events; filter on event_time to use an index';
 """
 
-# Pushed rows only, by time: the last arrival /health and `status` report (receiver/store.py) is read from its
-# end, so no backfilled row newer than it is read. About 20 bytes an event (tests/benchmark/last_arrival.py).
-CONNECTOR_INDEX = "dt_events_connector_time ON dt_events (event_time) WHERE source = 'connector'"
+# When the Data Connector last pushed a new event, for /health and `status`: one row, written by the inserts of
+# pushed events (receiver/store.py), so that it is read at once however many backfilled rows are newer. An index
+# of pushed rows would do as well, for about 22 bytes an event; this costs none (tests/benchmark/last_arrival.py).
+# Created, or caught up after an older release wrote events without it, from the newest pushed row.
+LAST_ARRIVAL_TABLE = """
+CREATE TABLE IF NOT EXISTS dt_last_arrival (
+    one         boolean PRIMARY KEY DEFAULT true CHECK (one),
+    received_at timestamptz
+);
+INSERT INTO dt_last_arrival (received_at)
+SELECT (SELECT received_at FROM dt_events WHERE source = 'connector' AND event_time <= now() + interval '5 minutes'
+        ORDER BY event_time DESC LIMIT 1)
+ON CONFLICT (one) DO UPDATE SET received_at = greatest(dt_last_arrival.received_at, excluded.received_at);
+"""
 
 # A new database gets the latest schema at once; an upgrade that replaces the view must change this too.
-LATEST = EVENTS_TABLE + READINGS_VIEW + f"CREATE INDEX IF NOT EXISTS {CONNECTOR_INDEX};"
+LATEST = EVENTS_TABLE + READINGS_VIEW + LAST_ARRIVAL_TABLE
 
 
 class Step(NamedTuple):
@@ -178,15 +189,8 @@ UPGRADES = (
     """, only_adds=False),
     # 2 -> 3: the readings view (above).
     Step(READINGS_VIEW, only_adds=True),
-    # 3 -> 4: the pushed rows' index, built here only on a small table: elsewhere CREATE INDEX would hold up
-    # inserts for minutes, so build_indexes() builds it CONCURRENTLY once the table is ready.
-    Step(f"""
-    DO $$ BEGIN
-        IF NOT EXISTS (SELECT FROM dt_events OFFSET {10_000}) THEN
-            CREATE INDEX IF NOT EXISTS {CONNECTOR_INDEX};
-        END IF;
-    END $$;
-    """, only_adds=True),
+    # 3 -> 4: the last arrival's row (above).
+    Step(LAST_ARRIVAL_TABLE, only_adds=True),
 )
 VERSION = len(UPGRADES) + 1
 
@@ -201,11 +205,6 @@ def oldest_writer(steps: tuple[Step, ...]) -> int:
 
 # What dt_schema records beside the version: releases from this one on may write to the table (and work with it).
 COMPATIBLE_FROM = oldest_writer(UPGRADES)
-
-# Indexes that build_indexes() makes CONCURRENTLY on a table too large to index inside a migration.
-CONCURRENT_INDEXES = {"dt_events_connector_time": f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {CONNECTOR_INDEX}"}
-# A concurrent build reads the whole table; it holds up no insert, but has an end all the same.
-INDEX_BUILD_TIMEOUT = "1h"
 
 # A deploy's migration waits this long for a table lock, then tries again later: deliveries keep flowing.
 LOCK_TIMEOUT = "2s"
@@ -276,31 +275,6 @@ def record_version(connection: psycopg.Connection) -> None:
     connection.execute("ALTER TABLE dt_schema ADD COLUMN IF NOT EXISTS compatible_from integer")
     connection.execute("DELETE FROM dt_schema")
     connection.execute("INSERT INTO dt_schema (version, compatible_from) VALUES (%s, %s)", (VERSION, COMPATIBLE_FROM))
-
-
-def build_indexes(connection: psycopg.Connection) -> list[str]:
-    """Build, CONCURRENTLY, each index of the schema that a large table was migrated without (or whose build
-    was cut short); return the names built. One process at a time; the others go on without waiting."""
-    if not missing_indexes(connection) or not scalar(
-            connection, "SELECT pg_try_advisory_lock(hashtext('dt_events indexes'))"):
-        return []
-    try:
-        missing = missing_indexes(connection)  # again: another process may have built them meanwhile
-        connection.execute(f"SET statement_timeout = '{INDEX_BUILD_TIMEOUT}'")
-        for name in missing:
-            connection.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")  # an invalid one, left by a cut build
-            connection.execute(CONCURRENT_INDEXES[name])
-    finally:
-        if not connection.closed:
-            connection.execute("RESET statement_timeout")
-            connection.execute("SELECT pg_advisory_unlock(hashtext('dt_events indexes'))")
-    return missing
-
-
-def missing_indexes(connection: psycopg.Connection) -> list[str]:
-    """Return the concurrently built indexes that are not there, or not valid (a build was cut short)."""
-    query = "SELECT coalesce(bool_and(indisvalid), false) FROM pg_index WHERE indexrelid = to_regclass(%s)"
-    return [name for name in CONCURRENT_INDEXES if not scalar(connection, query, (name,))]
 
 
 def table_exists(connection: psycopg.Connection, name: str) -> bool:

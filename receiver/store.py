@@ -18,7 +18,7 @@ from .errors import ConfigError, UnavailableError
 from .events import Event
 from .group_commit import GroupCommit
 from .logs import database_fault
-from .schema import VERSION, NewerSchemaError, build_indexes, migrate
+from .schema import NewerSchemaError, migrate
 
 log = logging.getLogger("receiver")
 
@@ -55,17 +55,28 @@ ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id
 """
 
-# How long ago the newest event the Data Connector pushed arrived (nothing if none ever did), for /health
-# and `status`. Newest by event_time, which dt_events_connector_time (pushed rows only) serves backwards
-# from its end, so however many backfilled rows are newer, none is read: DT's history says nothing about
-# the connector. (Until that index is built, dt_events_time serves it, skipping backfilled rows.) An event
-# dated in the future would hide every later arrival behind it, so beyond a few minutes of clock
-# difference it is left out.
-LAST_ARRIVAL = """
-SELECT now() - received_at AS age FROM dt_events
-WHERE source = 'connector' AND event_time <= now() + interval '5 minutes'
-ORDER BY event_time DESC LIMIT 1
-"""
+
+def noting_arrival(insert: str) -> str:
+    """Return an insert of pushed events that also notes, in dt_last_arrival, when one was new.
+
+    At most once a second: an update locks the row until its commit, and a write that finds it being
+    updated waits for that commit; a row already noted within the second is not locked at all."""
+    return f"""
+WITH inserted AS ({insert.strip()}),
+noted AS (
+    UPDATE dt_last_arrival SET received_at = now()
+    WHERE (received_at IS NULL OR received_at < now() - interval '1 second') AND EXISTS (SELECT FROM inserted)
+)
+SELECT event_id FROM inserted
+"""  # noqa: S608 (constant text only)
+
+
+WRITE, WRITE_ONE = noting_arrival(INSERT), noting_arrival(INSERT_ONE)
+
+# How long ago the Data Connector last pushed a new event (nothing if it never did), for /health and `status`:
+# one row, so backfilled rows, however many and however new, are never read (DT's history says nothing about
+# the connector), and an event dated in the future hides nothing.
+LAST_ARRIVAL = "SELECT now() - received_at AS age FROM dt_last_arrival WHERE received_at IS NOT NULL"
 
 
 class EventStore:
@@ -142,10 +153,10 @@ class EventStore:
     def _write(self, rows: list[tuple], wait_seconds: float) -> list[bool]:
         """Commit rows in one statement within the wait; return, for each, whether it is new."""
         if len(rows) == 1:
-            query, params = INSERT_ONE, rows[0]
+            query, params = WRITE_ONE, rows[0]
         else:  # by event id, as backfill inserts: two inserts of the same ids never wait on each other in a cycle
             ordered = sorted(rows, key=lambda row: row[0])  # stable: of two rows with one id, the first is written
-            query, params = INSERT, [list(column) for column in zip(*ordered, strict=True)]
+            query, params = WRITE, [list(column) for column in zip(*ordered, strict=True)]
         # A deadline of its own: a frozen server never answers, and no delivery's may cut short a batch others wait on.
         with gevent.Timeout(wait_seconds, UnavailableError("database unavailable: timeout")):
             with self._connection(wait_seconds) as connection:
@@ -202,22 +213,8 @@ class EventStore:
                 self._ready.set()
                 self._attempted.set()
                 log.info("database ready", extra={"fields": {"schema_version": version}})
-                if version == VERSION:
-                    self._build_indexes()
                 return
             self._closed.wait(PREPARE_RETRY_SECONDS)
-
-    def _build_indexes(self) -> None:
-        """Build the indexes a large table was migrated without, while deliveries go on (receiver/schema.py)."""
-        started = time.monotonic()
-        try:
-            with self._pool.connection(timeout=CONNECT_TIMEOUT_SECONDS) as connection:
-                built = build_indexes(connection)
-        except psycopg.Error as error:  # the next start tries again
-            log.warning("index not built", extra={"fields": {"cause": database_fault(error)}})
-            return
-        for name in built:
-            log.info("index built", extra={"fields": {"index": name, "seconds": round(time.monotonic() - started)}})
 
 
 class FaultNamingConnection(psycopg.Connection):

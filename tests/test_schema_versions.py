@@ -1,8 +1,6 @@
 """The schema in both directions: an older release's lower version healed, a newer schema left as it is, a table
 restored without dt_schema known by its columns, and every step harmless to run again."""
 
-import time
-
 import psycopg
 import pytest
 from psycopg.rows import dict_row
@@ -141,36 +139,30 @@ def test_a_table_restored_without_dt_schema_is_known_by_its_columns(make_app, da
         "after-restore", "restored-1"]
 
 
-def building_concurrently(database_url: str) -> bool:
-    """Tell whether a CREATE INDEX CONCURRENTLY is under way on the database."""
-    return query(database_url, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'CREATE INDEX CONCURRENTLY%%' "
-                               "AND datname = current_database()")[0]["count"] > 0
+def last_arrival(database_url: str) -> list[dict]:
+    """Return dt_last_arrival's row."""
+    return query(database_url, "SELECT received_at FROM dt_last_arrival")
 
 
-def test_a_large_table_gets_the_pushed_rows_index_concurrently_while_deliveries_are_stored(make_app, database_url,
-                                                                                          log_lines):
-    """On a version-3 table too large to index inside the migration, the worker is ready at once and builds the
-    index CONCURRENTLY: while the build waits for a long transaction, deliveries are stored; then it completes."""
+def test_the_last_arrival_row_is_caught_up_from_pushed_rows_at_the_upgrade_and_after_a_rollback(make_app, database_url):
+    """Upgrading a version-3 table fills dt_last_arrival from its newest pushed row (not a newer backfilled one), and
+    after an older release stored pushed events without noting them, the next start of this release catches up."""
     with psycopg.connect(database_url, autocommit=True) as connection:
         migrate(connection)
-        connection.execute("DROP INDEX dt_events_connector_time")
+        connection.execute("DROP TABLE dt_last_arrival")
         connection.execute("UPDATE dt_schema SET version = 3, compatible_from = NULL")
-        connection.execute("INSERT INTO dt_events (event_id, event_time, event) "
-                           "SELECT 'old-' || n, now() - n * interval '1 minute', '{}' FROM generate_series(1, 20000) n")
-    with psycopg.connect(database_url) as report:
-        report.execute("INSERT INTO dt_events (event_id, event_time, event) VALUES ('open', now(), '{}')")
-        app = make_app(DATABASE_URL=database_url)
-        app.extensions["receiver"].store.start()
-        give_up_at = time.monotonic() + 10
-        while not building_concurrently(database_url):
-            assert time.monotonic() < give_up_at, "no concurrent build began"
-            time.sleep(0.05)
-        assert deliver(app, "during-build") == (200, "stored")
-        assert query(database_url, "SELECT version FROM dt_schema") == [{"version": VERSION}]
-    give_up_at = time.monotonic() + 10
-    while building_concurrently(database_url):
-        assert time.monotonic() < give_up_at, "the build never ended"
-        time.sleep(0.05)
-    assert query(database_url, "SELECT indisvalid FROM pg_index WHERE indexrelid = 'dt_events_connector_time'::regclass"
-                 ) == [{"indisvalid": True}]
-    assert [line["index"] for line in log_lines() if line["msg"] == "index built"] == ["dt_events_connector_time"]
+        for event_id, source, age in (("pushed", "connector", "3 hours"), ("backfilled", "history", "1 hour")):
+            connection.execute("INSERT INTO dt_events (event_id, source, event_time, received_at, event) "
+                               "VALUES (%s, %s, now() - %s::interval, now() - %s::interval, '{}')",
+                               (event_id, source, age, age))
+        migrate(connection)
+    [pushed] = query(database_url, "SELECT received_at FROM dt_events WHERE event_id = 'pushed'")
+    assert last_arrival(database_url) == [pushed]
+
+    older_release_connects(database_url, 3)  # and stores a pushed event, as version 3 does: the row is not noted
+    query(database_url, "INSERT INTO dt_events (event_id, event_time, event) VALUES ('by-older', now(), '{}')")
+    assert last_arrival(database_url) == [pushed]
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        migrate(connection)
+    [by_older] = query(database_url, "SELECT received_at FROM dt_events WHERE event_id = 'by-older'")
+    assert last_arrival(database_url) == [by_older]

@@ -67,14 +67,12 @@ def test_concurrent_duplicates_on_two_servers_leave_one_row(start_server, databa
 
 
 def test_schema_has_the_indexes_users_query_by(make_app, database_url):
-    """The table is created when the worker starts, with indexes for one device over time, for all devices over time,
-    and for pushed events over time (the last arrival /health reports)."""
+    """The table is created when the worker starts, with indexes for one device over time and for all devices over time."""
     client = make_app(DATABASE_URL=database_url).test_client()
     client.post("/", data=(delivery := signed_delivery())[0], headers=delivery[1])
     indexes = {row["indexdef"].split(" USING btree ")[1] for row in rows(
         database_url, "SELECT indexdef FROM pg_indexes WHERE tablename = 'dt_events'")}
-    assert indexes == {"(event_id)", "(device_id, event_time)", "(event_time)",
-                       "(event_time) WHERE (source = 'connector'::dt_events_source)"}
+    assert indexes == {"(event_id)", "(device_id, event_time)", "(event_time)"}
 
 
 UNUSUAL_BODIES = {
