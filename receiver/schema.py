@@ -234,11 +234,15 @@ def recorded(connection: psycopg.Connection) -> tuple[int, int]:
             "ORDER BY version DESC LIMIT 1").fetchone()
         if row:
             return row
-    # A table restored without dt_schema (pg_dump -t dt_events): the first release's has no `source`. The
-    # steps after 2 leave the columns as they are, and run again without harm.
+    return (shape_version(connection),) * 2
+
+
+def shape_version(connection: psycopg.Connection) -> int:
+    """Return the version an existing table's columns tell: the first release's has no `source`. The steps after
+    2 leave the columns as they are, and run again without harm (a table restored by pg_dump -t dt_events)."""
     has_source = scalar(connection, "SELECT EXISTS (SELECT FROM information_schema.columns WHERE table_schema = "
                                     "current_schema() AND table_name = 'dt_events' AND column_name = 'source')")
-    return (2, 2) if has_source else (1, 1)
+    return 2 if has_source else 1
 
 
 def usable_version(connection: psycopg.Connection) -> int:
@@ -249,19 +253,23 @@ def usable_version(connection: psycopg.Connection) -> int:
     return version
 
 
-def migrate(connection: psycopg.Connection) -> int:
+def migrate(connection: psycopg.Connection, again: bool = False) -> int:
     """Bring the table up to this release's version, waiting briefly for locks; return the version it is at.
 
-    A newer schema is left as it is: worked with if it lets this release write, else NewerSchemaError."""
-    if (version := usable_version(connection)) >= VERSION:
+    A newer schema is left as it is: worked with if it lets this release write, else NewerSchemaError.
+    `again`: run the steps after the version the columns tell, whatever dt_schema says, since a part the
+    schema made (the view, dt_last_arrival) was found missing."""
+    if (version := usable_version(connection)) > VERSION or (version == VERSION and not again):
         return version  # the usual case: no lock taken
     with connection.transaction():
         connection.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
         connection.execute("SET LOCAL statement_timeout = 0")  # a rewrite of a large table may take a while
         # Workers and dynos start together; one migrates, the others then find nothing to do.
         connection.execute("SELECT pg_advisory_xact_lock(hashtext('dt_events schema'))")
-        if (version := usable_version(connection)) >= VERSION:
+        if (version := usable_version(connection)) > VERSION or (version == VERSION and not again):
             return version
+        if again and version > 0:
+            version = shape_version(connection)
         for step in [LATEST] if version == 0 else [step.sql for step in UPGRADES[version - 1:]]:
             connection.execute(step)
         record_version(connection)

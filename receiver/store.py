@@ -194,15 +194,16 @@ class EventStore:
                 return  # already preparing
             self._ready.clear()
         self.note_fault(f"{fault}: preparing the table again")
-        threading.Thread(target=self._prepare, name="dt_events schema", daemon=True).start()
+        threading.Thread(target=self._prepare, args=(True,), name="dt_events schema", daemon=True).start()
 
-    def _prepare(self) -> None:
-        """Migrate the table, logging whether the database answered (and each new cause), until it is ready."""
+    def _prepare(self, again: bool = False) -> None:
+        """Migrate the table (`again`: every step, a part having been lost), logging whether the database answered
+        (and each new cause), until it is ready."""
         while not self._closed.is_set():
             try:
                 # A pooled connection, so that the check counts against the dyno's connection budget.
                 with self._pool.connection(timeout=CONNECT_TIMEOUT_SECONDS) as connection:
-                    version = migrate(connection)
+                    version = migrate(connection, again)
             except PoolTimeout:
                 self._attempted.set()  # the pool's own attempt has named the cause, if it failed
             except psycopg.Error as error:
