@@ -1,7 +1,7 @@
 """What finding the last pushed arrival costs with many newer backfilled rows, and what each way of keeping it fast
 costs per event: an index of pushed rows, or the one-row table dt_last_arrival the receiver keeps (docs/database.md).
 
-Run by hand: `python tests/benchmark/last_arrival.py` (after the test install; about five minutes, and about 2 GB of
+Run by hand: `python tests/benchmark/last_arrival.py` (after the test install; about a minute, and about 2 GB of
 disk in a temporary folder). It starts a PostgreSQL of its own, as the tests do, and measures:
 1. bytes on disk per event of a partial index of pushed rows (`dt_events_connector_time`), over pushed events
    of a typical body, beside the rest of the table; and dt_last_arrival's after an update per event;
