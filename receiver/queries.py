@@ -129,6 +129,7 @@ def add_history(connection: psycopg.Connection, events: Iterable[dict]) -> int:
         # A lone surrogate (DT's JSON may escape one) is written back as that escape, as a pushed body keeps it.
         parsed = [parse_event(json.dumps({"event": event}, separators=(",", ":"), ensure_ascii=False)
                               .encode("utf-8", "backslashreplace")) for event in batch]
+        parsed.sort(key=lambda event: event.event_id)  # the order live batches insert in: no deadlock between them
         columns = [[event.event_id for event in parsed], [event.device_id for event in parsed],
                    [event.event_type for event in parsed], [event.time for event in parsed],
                    [event.text for event in parsed]]

@@ -1,13 +1,22 @@
 """Create and migrate the events table and its readings view: once per process, outside any delivery, in steps."""
 
+from typing import NamedTuple
+
 import psycopg
 from psycopg.rows import tuple_row
 
+from .errors import ConfigError
+
 # The table as a new database gets it. Columns are in this order so that a typical event fills no
-# alignment padding: twelve rows of a 560-byte event fit a page instead of eleven.
+# alignment padding: twelve rows of a 560-byte event fit a page instead of eleven. Like every step, it can run
+# again without harm: a table dropped alone leaves its type, and an older release may lower the recorded version.
 EVENTS_TABLE = """
-CREATE TYPE dt_events_source AS ENUM ('connector', 'history');
-CREATE TABLE dt_events (
+DO $$ BEGIN
+    IF to_regtype('dt_events_source') IS NULL THEN
+        CREATE TYPE dt_events_source AS ENUM ('connector', 'history');
+    END IF;
+END $$;
+CREATE TABLE IF NOT EXISTS dt_events (
     event_id    text PRIMARY KEY,
     device_id   text,
     event_type  text,
@@ -17,8 +26,8 @@ CREATE TABLE dt_events (
     event       text NOT NULL
 );
 -- one device over time; all devices over time (events, status, prune)
-CREATE INDEX dt_events_device_time ON dt_events (device_id, event_time);
-CREATE INDEX dt_events_time ON dt_events (event_time);
+CREATE INDEX IF NOT EXISTS dt_events_device_time ON dt_events (device_id, event_time);
+CREATE INDEX IF NOT EXISTS dt_events_time ON dt_events (event_time);
 """
 
 # dt_readings: one row per measured quantity per sample, read from the stored bodies, so that charts need no
@@ -28,7 +37,7 @@ CREATE INDEX dt_events_time ON dt_events (event_time);
 # an error. Filters on the view's event_id, device_id, event_type and event_time reach dt_events' indexes.
 # The functions are not PARALLEL SAFE: an exception block is a subtransaction, which parallel mode forbids.
 READINGS_VIEW = r"""
-CREATE FUNCTION dt_reading_time(given text, otherwise timestamptz) RETURNS timestamptz
+CREATE OR REPLACE FUNCTION dt_reading_time(given text, otherwise timestamptz) RETURNS timestamptz
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
     IF given IS NULL THEN
@@ -47,7 +56,7 @@ END $$;
 -- Each sample of data[event_type] (temperature and humidity carry `samples`), or data[event_type] itself,
 -- with its time: the sample's, else data's updateTime, else the row's event_time. No rows for a body jsonb
 -- refuses (not JSON, \u0000, a lone surrogate, a number beyond numeric) or data that is not an object.
-CREATE FUNCTION dt_event_samples(body text, event_type text, event_time timestamptz)
+CREATE OR REPLACE FUNCTION dt_event_samples(body text, event_type text, event_time timestamptz)
 RETURNS TABLE (data_type text, sample jsonb, sample_time timestamptz)
 LANGUAGE plpgsql STABLE COST 1000 ROWS 2 AS $$
 DECLARE
@@ -71,7 +80,7 @@ BEGIN
 END $$;
 
 -- A JSON number as double precision; NULL for anything else, and for one beyond double precision's range.
-CREATE FUNCTION dt_reading_number(field jsonb) RETURNS double precision
+CREATE OR REPLACE FUNCTION dt_reading_number(field jsonb) RETURNS double precision
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE WHEN jsonb_typeof(field) = 'number' AND abs(field::numeric) < 1e308
                      AND (field::numeric = 0 OR abs(field::numeric) > 1e-307)
@@ -79,7 +88,8 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
 $$;
 
 -- What each type's data holds: a number (value), a state (state), or the event itself (a touch: value 1).
-CREATE FUNCTION dt_reading_fields() RETURNS TABLE (event_type text, field text, name text, unit text, kind text)
+CREATE OR REPLACE FUNCTION dt_reading_fields()
+RETURNS TABLE (event_type text, field text, name text, unit text, kind text)
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$ VALUES
     ('temperature', 'value', 'temperature', '°C', 'number'),
     ('humidity', 'temperature', 'temperature', '°C', 'number'),
@@ -104,7 +114,7 @@ $$;
 
 -- A function rather than a WITH list, so that the view stays one flat query the planner can order by
 -- dt_events' indexes (a view with WITH is planned apart, and sorts what it returns).
-CREATE VIEW dt_readings AS
+CREATE OR REPLACE VIEW dt_readings AS
 SELECT * FROM (
     SELECT e.event_id, e.device_id, e.event_type, e.event_time, s.sample_time AS time, f.name,
            CASE f.kind WHEN 'number' THEN dt_reading_number(s.sample -> f.field) WHEN 'event' THEN 1 END AS value,
@@ -122,61 +132,157 @@ COMMENT ON VIEW dt_readings IS
     'One row per measured quantity per sample of the stored DT events; filter on event_time to use an index';
 """
 
-# A new database gets the latest schema at once; an upgrade that replaces the view must change this too.
-LATEST = EVENTS_TABLE + READINGS_VIEW
+# When the Data Connector last pushed a new event, for /health and `status`: one row, written by the inserts of
+# pushed events (receiver/store.py), so that it is read at once however many backfilled rows are newer. An index
+# of pushed rows would do as well, for about 22 bytes an event; this costs none (tests/benchmark/last_arrival.py).
+# Created, or caught up after an older release wrote events without it, from the newest pushed row.
+LAST_ARRIVAL_TABLE = """
+CREATE TABLE IF NOT EXISTS dt_last_arrival (
+    one         boolean PRIMARY KEY DEFAULT true CHECK (one),
+    received_at timestamptz
+);
+INSERT INTO dt_last_arrival (received_at)
+SELECT (SELECT received_at FROM dt_events WHERE source = 'connector' AND event_time <= now() + interval '5 minutes'
+        ORDER BY event_time DESC LIMIT 1)
+ON CONFLICT (one) DO UPDATE SET received_at = greatest(dt_last_arrival.received_at, excluded.received_at);
+"""
 
-# An existing database runs the steps after its version, each once, in one transaction that records it.
-# Add a column by appending a step (and changing LATEST to match); never edit a step that has shipped.
-# A step that alters a column dt_readings reads must drop the view first and create it again.
+# A new database gets the latest schema at once; an upgrade that replaces the view must change this too.
+LATEST = EVENTS_TABLE + READINGS_VIEW + LAST_ARRIVAL_TABLE
+
+
+class Step(NamedTuple):
+    """One upgrade, from the version before it to the next, and whether releases before it may still write after it."""
+
+    sql: str
+    only_adds: bool  # True for a view, an index or a column with a default: an older release's inserts still work
+
+
+# An existing database runs the steps after its version in one transaction that records it. Add a version by
+# appending a step (and changing LATEST to match). Every step must be harmless to run again (IF NOT EXISTS,
+# CREATE OR REPLACE, a DO block that checks first): an older release may write its lower version over a newer
+# one, and a table restored without dt_schema is only known by its columns. A step that alters a column
+# dt_readings reads must drop the view first and create it again.
 UPGRADES = (
     # 1 -> 2: from the table as first released: the body as received, in text (smaller than jsonb, and it
     # holds what jsonb refuses); where each row came from; a time on every row; no columns the body
     # already holds; ascending indexes, which serve ORDER BY event_time DESC (DESC NULLS LAST ones did not).
-    """
-    CREATE TYPE dt_events_source AS ENUM ('connector', 'history');
-    UPDATE dt_events SET event_time = received_at WHERE event_time IS NULL;
-    DROP INDEX dt_events_device_type_time, dt_events_device_time, dt_events_time;
-    ALTER TABLE dt_events
-        ALTER COLUMN event TYPE text USING event::text,
-        ALTER COLUMN event_time SET NOT NULL,
-        DROP COLUMN labels,
-        DROP COLUMN project_id,
-        ADD COLUMN source dt_events_source NOT NULL DEFAULT 'connector';
-    CREATE INDEX dt_events_device_time ON dt_events (device_id, event_time);
-    CREATE INDEX dt_events_time ON dt_events (event_time);
-    """,
+    Step("""
+    DO $$ BEGIN
+        IF NOT EXISTS (SELECT FROM information_schema.columns WHERE table_schema = current_schema()
+                       AND table_name = 'dt_events' AND column_name = 'source') THEN
+            IF to_regtype('dt_events_source') IS NULL THEN
+                CREATE TYPE dt_events_source AS ENUM ('connector', 'history');
+            END IF;
+            UPDATE dt_events SET event_time = received_at WHERE event_time IS NULL;
+            DROP INDEX IF EXISTS dt_events_device_type_time, dt_events_device_time, dt_events_time;
+            ALTER TABLE dt_events
+                ALTER COLUMN event TYPE text USING event::text,
+                ALTER COLUMN event_time SET NOT NULL,
+                DROP COLUMN IF EXISTS labels,
+                DROP COLUMN IF EXISTS project_id,
+                ADD COLUMN source dt_events_source NOT NULL DEFAULT 'connector';
+            CREATE INDEX dt_events_device_time ON dt_events (device_id, event_time);
+            CREATE INDEX dt_events_time ON dt_events (event_time);
+        END IF;
+    END $$;
+    """, only_adds=False),
     # 2 -> 3: the readings view (above).
-    READINGS_VIEW,
+    Step(READINGS_VIEW, only_adds=True),
+    # 3 -> 4: the last arrival's row (above).
+    Step(LAST_ARRIVAL_TABLE, only_adds=True),
 )
 VERSION = len(UPGRADES) + 1
+
+
+def oldest_writer(steps: tuple[Step, ...]) -> int:
+    """Return the oldest release version that may still write to the schema these steps make."""
+    version = len(steps) + 1
+    while version > 1 and steps[version - 2].only_adds:
+        version -= 1
+    return version
+
+
+# What dt_schema records beside the version: releases from this one on may write to the table (and work with it).
+COMPATIBLE_FROM = oldest_writer(UPGRADES)
 
 # A deploy's migration waits this long for a table lock, then tries again later: deliveries keep flowing.
 LOCK_TIMEOUT = "2s"
 
 
+class NewerSchemaError(ConfigError):
+    """The database's schema is newer than this release's, and this release may not write to it."""
+
+    def __init__(self, found: int):
+        super().__init__(f"the database's schema is version {found}, newer than this release's {VERSION}: "
+                         "deploy the newer release")
+
+
 def schema_version(connection: psycopg.Connection) -> int:
-    """Return the table's version: 0 for a new database, 1 for a table made before dt_schema existed."""
-    if not table_exists(connection, "dt_schema"):
-        return 1 if table_exists(connection, "dt_events") else 0
-    return scalar(connection, "SELECT coalesce(max(version), 0) FROM dt_schema")
+    """Return the table's version: 0 for a new database; recorded in dt_schema, else told by the table's columns."""
+    return recorded(connection)[0]
 
 
-def migrate(connection: psycopg.Connection) -> int:
-    """Bring the table up to the latest version, waiting briefly for locks; return the version reached."""
-    if schema_version(connection) == VERSION:
-        return VERSION  # the usual case: no lock taken
+def recorded(connection: psycopg.Connection) -> tuple[int, int]:
+    """Return the table's version and the oldest release version that may write to it."""
+    if not table_exists(connection, "dt_events"):
+        return 0, 0
+    if table_exists(connection, "dt_schema"):
+        # to_jsonb: a dt_schema an older release made has no compatible_from column; NULL reads as the version.
+        row = connection.cursor(row_factory=tuple_row).execute(
+            "SELECT version, coalesce((to_jsonb(dt_schema) ->> 'compatible_from')::integer, version) FROM dt_schema "
+            "ORDER BY version DESC LIMIT 1").fetchone()
+        if row:
+            return row
+    return (shape_version(connection),) * 2
+
+
+def shape_version(connection: psycopg.Connection) -> int:
+    """Return the version an existing table's columns tell: the first release's has no `source`. The steps after
+    2 leave the columns as they are, and run again without harm (a table restored by pg_dump -t dt_events)."""
+    has_source = scalar(connection, "SELECT EXISTS (SELECT FROM information_schema.columns WHERE table_schema = "
+                                    "current_schema() AND table_name = 'dt_events' AND column_name = 'source')")
+    return 2 if has_source else 1
+
+
+def usable_version(connection: psycopg.Connection) -> int:
+    """Return the table's version; raise NewerSchemaError if it is newer and this release may not write to it."""
+    version, compatible_from = recorded(connection)
+    if version > VERSION and compatible_from > VERSION:
+        raise NewerSchemaError(version)
+    return version
+
+
+def migrate(connection: psycopg.Connection, again: bool = False) -> int:
+    """Bring the table up to this release's version, waiting briefly for locks; return the version it is at.
+
+    A newer schema is left as it is: worked with if it lets this release write, else NewerSchemaError.
+    `again`: run the steps after the version the columns tell, whatever dt_schema says, since a part the
+    schema made (the view, dt_last_arrival) was found missing."""
+    if (version := usable_version(connection)) > VERSION or (version == VERSION and not again):
+        return version  # the usual case: no lock taken
     with connection.transaction():
         connection.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
         connection.execute("SET LOCAL statement_timeout = 0")  # a rewrite of a large table may take a while
         # Workers and dynos start together; one migrates, the others then find nothing to do.
         connection.execute("SELECT pg_advisory_xact_lock(hashtext('dt_events schema'))")
-        version = schema_version(connection)
-        for step in [LATEST] if version == 0 else UPGRADES[version - 1:]:
+        if (version := usable_version(connection)) > VERSION or (version == VERSION and not again):
+            return version
+        if again and version > 0:
+            version = shape_version(connection)
+        for step in [LATEST] if version == 0 else [step.sql for step in UPGRADES[version - 1:]]:
             connection.execute(step)
-        connection.execute("CREATE TABLE IF NOT EXISTS dt_schema (version integer NOT NULL)")
-        connection.execute("DELETE FROM dt_schema")
-        connection.execute("INSERT INTO dt_schema (version) VALUES (%s)", (VERSION,))
+        record_version(connection)
     return VERSION
+
+
+def record_version(connection: psycopg.Connection) -> None:
+    """Record this release's version, and the oldest release that may write to it, in dt_schema's one row."""
+    connection.execute("CREATE TABLE IF NOT EXISTS dt_schema (version integer NOT NULL)")
+    # Nullable: an older release, which knows nothing of it, inserts its version alone.
+    connection.execute("ALTER TABLE dt_schema ADD COLUMN IF NOT EXISTS compatible_from integer")
+    connection.execute("DELETE FROM dt_schema")
+    connection.execute("INSERT INTO dt_schema (version, compatible_from) VALUES (%s, %s)", (VERSION, COMPATIBLE_FROM))
 
 
 def table_exists(connection: psycopg.Connection, name: str) -> bool:

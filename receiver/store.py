@@ -18,7 +18,7 @@ from .errors import ConfigError, UnavailableError
 from .events import Event
 from .group_commit import GroupCommit
 from .logs import database_fault
-from .schema import migrate
+from .schema import NewerSchemaError, migrate
 
 log = logging.getLogger("receiver")
 
@@ -33,6 +33,9 @@ KEEPALIVE_SECONDS = 5
 RECONNECT_SECONDS = 2
 # At start, until the table is ready, the schema check is retried this often.
 PREPARE_RETRY_SECONDS = 2
+# What a statement raises when the table, a column or its type is not there (a reset database, a restore
+# without the table): the store prepares the table again.
+SCHEMA_LOST = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedObject)
 
 # Pushed events, a batch at a time (receiver/group_commit.py); their source is the column's default, 'connector'.
 # Binary arrays: as text, every quote in every body would be escaped, at several times the cost of the rest.
@@ -52,16 +55,28 @@ ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id
 """
 
-# How long ago the newest event the Data Connector pushed arrived (nothing if none ever did), for /health
-# and `status`. Newest by event_time, which dt_events_time serves backwards from its end (received_at has
-# no index, and one would cost every event about 20 bytes); backfilled rows are skipped, since DT's history
-# says nothing about the connector. An event dated in the future would hide every later arrival behind
-# it, so beyond a few minutes of clock difference it is left out.
-LAST_ARRIVAL = """
-SELECT now() - received_at AS age FROM dt_events
-WHERE source = 'connector' AND event_time <= now() + interval '5 minutes'
-ORDER BY event_time DESC LIMIT 1
-"""
+
+def noting_arrival(insert: str) -> str:
+    """Return an insert of pushed events that also notes, in dt_last_arrival, when one was new.
+
+    At most once a second: an update locks the row until its commit, and a write that finds it being
+    updated waits for that commit; a row already noted within the second is not locked at all."""
+    return f"""
+WITH inserted AS ({insert.strip()}),
+noted AS (
+    UPDATE dt_last_arrival SET received_at = now()
+    WHERE (received_at IS NULL OR received_at < now() - interval '1 second') AND EXISTS (SELECT FROM inserted)
+)
+SELECT event_id FROM inserted
+"""  # noqa: S608 (constant text only)
+
+
+WRITE, WRITE_ONE = noting_arrival(INSERT), noting_arrival(INSERT_ONE)
+
+# How long ago the Data Connector last pushed a new event (nothing if it never did), for /health and `status`:
+# one row, so backfilled rows, however many and however new, are never read (DT's history says nothing about
+# the connector), and an event dated in the future hides nothing.
+LAST_ARRIVAL = "SELECT now() - received_at AS age FROM dt_last_arrival WHERE received_at IS NOT NULL"
 
 
 class EventStore:
@@ -138,9 +153,10 @@ class EventStore:
     def _write(self, rows: list[tuple], wait_seconds: float) -> list[bool]:
         """Commit rows in one statement within the wait; return, for each, whether it is new."""
         if len(rows) == 1:
-            query, params = INSERT_ONE, rows[0]
-        else:
-            query, params = INSERT, [list(column) for column in zip(*rows, strict=True)]
+            query, params = WRITE_ONE, rows[0]
+        else:  # by event id, as backfill inserts: two inserts of the same ids never wait on each other in a cycle
+            ordered = sorted(rows, key=lambda row: row[0])  # stable: of two rows with one id, the first is written
+            query, params = WRITE, [list(column) for column in zip(*ordered, strict=True)]
         # A deadline of its own: a frozen server never answers, and no delivery's may cut short a batch others wait on.
         with gevent.Timeout(wait_seconds, UnavailableError("database unavailable: timeout")):
             with self._connection(wait_seconds) as connection:
@@ -167,19 +183,33 @@ class EventStore:
         except psycopg.Error as error:
             fault = database_fault(error)
             self.note_fault(fault)
+            if isinstance(error, SCHEMA_LOST):
+                self._prepare_again(fault)
             raise UnavailableError(f"database error: {fault}") from None
 
-    def _prepare(self) -> None:
-        """Migrate the table, logging whether the database answered (and each new cause), until it is ready."""
+    def _prepare_again(self, fault: str) -> None:
+        """The table (or its type) is gone, as after a reset or a restore without it: prepare it again, once."""
+        with self._started:
+            if not self._ready.is_set() or self._closed.is_set():
+                return  # already preparing
+            self._ready.clear()
+        self.note_fault(f"{fault}: preparing the table again")
+        threading.Thread(target=self._prepare, args=(True,), name="dt_events schema", daemon=True).start()
+
+    def _prepare(self, again: bool = False) -> None:
+        """Migrate the table (`again`: every step, a part having been lost), logging whether the database answered
+        (and each new cause), until it is ready."""
         while not self._closed.is_set():
             try:
                 # A pooled connection, so that the check counts against the dyno's connection budget.
                 with self._pool.connection(timeout=CONNECT_TIMEOUT_SECONDS) as connection:
-                    version = migrate(connection)
+                    version = migrate(connection, again)
             except PoolTimeout:
                 self._attempted.set()  # the pool's own attempt has named the cause, if it failed
             except psycopg.Error as error:
                 self.note_fault(database_fault(error))
+            except NewerSchemaError as error:
+                self.note_fault(str(error))
             else:
                 self._ready.set()
                 self._attempted.set()

@@ -229,7 +229,7 @@ def test_version_2_database_gets_the_view_with_readings_of_rows_stored_before(ma
     with psycopg.connect(database_url) as connection:
         assert connection.execute("SELECT version FROM dt_schema").fetchall() == [(VERSION,)]
         found = connection.execute("SELECT event_id, name, value, time FROM dt_readings ORDER BY event_id").fetchall()
-    assert VERSION == 3
+    assert VERSION >= 3  # the view came with version 3
     assert found == [("after-3", "touch", 1, now), ("before-3", "temperature", 4.5, now)]
 
 

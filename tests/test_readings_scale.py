@@ -11,7 +11,7 @@ import pytest
 from support.docs import documented_queries, plan_nodes
 from support.server import ROOT
 
-from receiver.schema import migrate
+from receiver.schema import LAST_ARRIVAL_TABLE, migrate
 from receiver.store import LAST_ARRIVAL
 
 EVENTS = 100_000
@@ -135,12 +135,30 @@ def test_export_memory_stays_flat_over_200000_readings(scale_table, tmp_path, ou
     assert whole[0] - small[0] < MOST_MEMORY_GROWTH_MB, (small, whole)
 
 
-def test_last_arrival_reads_a_few_index_entries_backwards(scale_table):
-    """The age /health and `status` report comes from dt_events_time read backwards, with no sort and no table scan."""
-    with psycopg.connect(scale_table) as connection:
+# Backfilled rows newer than the newest pushed one (an outage healed by `backfill`): 20,000 over the last 20 s.
+NEWER_HISTORY = """
+INSERT INTO dt_events (event_id, device_id, event_type, event_time, source, event)
+SELECT 'history-' || n, 'emuhistory', 'touch', now() - n * interval '1 millisecond', 'history', '{"event": {}}'
+FROM generate_series(1, 20000) AS n
+"""
+
+
+def test_last_arrival_reads_one_row_whatever_the_backfilled_rows(scale_table):
+    """The age /health and `status` report is read from dt_last_arrival's one row, with no scan of dt_events, however
+    many backfilled rows are newer than the last pushed one; the upgrade fills that row from the newest pushed row."""
+    with psycopg.connect(scale_table) as connection:  # the history rows are rolled back as the block ends
+        connection.execute(NEWER_HISTORY)
+        connection.execute(LAST_ARRIVAL_TABLE)  # as the upgrade to version 4 does
+        connection.execute("ANALYZE dt_events")
         [[[explained]]] = connection.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + LAST_ARRIVAL).fetchall()
-    nodes = list(plan_nodes(explained["Plan"]))
-    assert [node["Node Type"] for node in nodes] == ["Limit", "Index Scan"], plan_outline(explained["Plan"])
-    assert (nodes[1]["Index Name"], nodes[1]["Scan Direction"]) == ("dt_events_time", "Backward")
+        [(newer,)] = connection.execute("SELECT count(*) FROM dt_events WHERE event_time > (SELECT max(event_time) "
+                                        "FROM dt_events WHERE source = 'connector')").fetchall()
+        [(noted, pushed)] = connection.execute(
+            "SELECT (SELECT received_at FROM dt_last_arrival), (SELECT received_at FROM dt_events WHERE event_id = "
+            "'scale-1')").fetchall()
+        connection.rollback()
+    relations = {node.get("Relation Name") for node in plan_nodes(explained["Plan"])} - {None}
+    assert relations == {"dt_last_arrival"}, plan_outline(explained["Plan"])
     pages = explained["Plan"]["Shared Hit Blocks"] + explained["Plan"]["Shared Read Blocks"]
-    assert nodes[1]["Actual Rows"] == 1 and pages < 10, pages
+    assert explained["Plan"]["Actual Rows"] == 1 and pages < 5, pages
+    assert newer == 20_000 and noted == pushed  # scale-1 is the newest pushed event

@@ -31,9 +31,10 @@ def health(client) -> tuple[int, dict]:
 
 
 def age_every_event(database_url: str, interval: str) -> None:
-    """Make every stored event look as if it had arrived that long ago."""
+    """Make every stored event, and the last arrival, look as if they had arrived that long ago."""
     with psycopg.connect(database_url, autocommit=True) as connection:
         connection.execute("UPDATE dt_events SET received_at = now() - %s::interval", (interval,))
+        connection.execute("UPDATE dt_last_arrival SET received_at = now() - %s::interval", (interval,))
 
 
 def test_health_turns_503_once_nothing_arrived_for_longer_and_200_on_the_next_event(make_app, database_url):
