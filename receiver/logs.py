@@ -25,7 +25,7 @@ DATABASE_FAULTS = (
      lambda match: f"database {match[1]}"),
     (re.compile(r"permission denied"), lambda _: "permission denied"),
     (re.compile(r"could not extend file|No space left on device|disk full", re.I), lambda _: "disk full"),
-    (re.compile(r'relation "dt_events" does not exist|column .* does not exist'), lambda _: "table not migrated yet"),
+    (re.compile(r'relation "dt_\w+" does not exist|column .* does not exist'), lambda _: "table not migrated yet"),
 )
 
 # How libpq and psycopg name a server or a setting in a message a library logs as text of its own.
