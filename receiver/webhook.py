@@ -11,7 +11,7 @@ from . import on_event
 from .components import components
 from .errors import DeliveryError, UnavailableError
 from .events import Event, parse_event
-from .logs import EVENTS_LOGGER, LOGGED, JsonText
+from .logs import EVENT_LINES, LOGGED, JsonText, event_line
 from .store import EventStore
 
 MAX_BODY_BYTES = 256 * 1024  # DT events are a few KB; this bounds what one request can make a worker hold
@@ -22,7 +22,6 @@ POOL_MARGIN_SECONDS = 0.5
 HINT = "DT Data Connector receiver is up: point a Data Connector at this URL (it accepts POST).\n"
 
 log = logging.getLogger("receiver")
-event_log = logging.getLogger(EVENTS_LOGGER)
 blueprint = Blueprint("webhook", __name__)
 
 
@@ -97,8 +96,9 @@ def run_event_handler(event: Event) -> None:
 
 def write_event_line(event: Event, outcome: str) -> None:
     """Write the accepted event's log line, or refuse the delivery if it cannot be written."""
+    line = event_line(f"event {outcome}", event_fields(event))
     try:
-        event_log.info(f"event {outcome}", extra={"fields": event_fields(event)})
+        EVENT_LINES.write(line)
     except OSError:  # stdout closed or full: without its line, a log-only event would be lost
         raise UnavailableError("log line could not be written") from None
     request.environ[LOGGED] = True
