@@ -26,7 +26,7 @@ def formatter_line(body: str, document: dict, request_id: str | None) -> str:
     fields = {"event_id": event["eventId"], "event_type": event["eventType"], "device_id": device_id,
               "project_id": project_id, "timestamp": event["timestamp"], "request_id": request_id,
               "body": JsonText(json.dumps(document) if breaks(body) else body)}
-    record = logging.LogRecord("receiver.events", logging.INFO, __file__, 1, "event logged", None, None)
+    record = logging.LogRecord("receiver", logging.INFO, __file__, 1, "event logged", None, None)
     record.fields = fields
     return JsonLineFormatter().format(record) + "\n"
 
