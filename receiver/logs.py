@@ -5,7 +5,8 @@ import json
 import logging
 import logging.config
 import re
-from typing import Any
+import sys
+from typing import Any, TextIO
 
 # libpq's messages name hosts, ports, users and databases; these fixed forms say what went wrong and nothing more.
 DATABASE_FAULTS = (
@@ -39,43 +40,73 @@ CONNECTION_NAMES = (
 # What a valid JSON text may hold raw that some readers take for the end of a line.
 LINE_BREAKS = "\n\r\x85\u2028\u2029"
 
-# The logger of accepted events' lines: the one line whose loss must turn a 200 into a 503.
-EVENTS_LOGGER = "receiver.events"
-
 # Set in a request's WSGI environ once the receiver has written that request's line, so the server
 # writes no access line for it: one line per request.
 LOGGED = "receiver.logged"
 
 JSON = json.JSONEncoder(default=str)  # made once: json.dumps with `default` makes one per call
+JSON_STRING = json.encoder.encode_basestring_ascii  # what JSON writes for a str, in C
 
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,  # gunicorn's own loggers keep their formats
     "formatters": {"json": {"()": "receiver.logs.JsonLineFormatter"}},
     "handlers": {
-        "events": {"class": "receiver.logs.StrictStreamHandler", "stream": "ext://sys.stdout", "formatter": "json"},
-        "libraries": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout", "formatter": "json"},
+        "stdout": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout", "formatter": "json"},
     },
     "loggers": {
-        "receiver": {"handlers": ["events"], "level": "INFO", "propagate": False},
-        "psycopg": {"handlers": ["libraries"], "level": "WARNING", "propagate": False},
+        "receiver": {"handlers": ["stdout"], "level": "INFO", "propagate": False},
+        "psycopg": {"handlers": ["stdout"], "level": "WARNING", "propagate": False},
     },
 }
 
 
 @functools.cache  # once per process: a second dictConfig would drop handlers added since
 def configure_logging() -> None:
-    """Send the receiver's and psycopg's log lines, one JSON object each, to stdout."""
+    """Send the receiver's and psycopg's log lines, one JSON object each, and the events' lines, to stdout."""
     logging.config.dictConfig(LOGGING)
+    EVENT_LINES.stream = sys.stdout  # the stream the handler above holds, so the lines keep their order
 
 
-class StrictStreamHandler(logging.StreamHandler):
-    """A stream handler that raises when an accepted event's line cannot be written: it must not be answered 200."""
+class EventLines:
+    """Where accepted events' lines go: one write and one flush each, with no log record.
 
-    def handleError(self, record: logging.LogRecord) -> None:
-        if record.name == EVENTS_LOGGER:
-            raise  # the write's own exception, from emit's except block
-        super().handleError(record)
+    An event's line is its only record in log-only mode, so unlike a log record's (whose failed write
+    logging reports and drops) its write raises: the delivery must not be answered 200. Every line it
+    takes is whole, so the process's other lines, written through logging to the same stream, never
+    fall inside one. It has no lock: in the server's gevent worker a write to stdout never yields.
+    """
+
+    def __init__(self) -> None:
+        self.stream: TextIO | None = None  # stdout once logging is configured; a test may set its own
+
+    def write(self, line: str) -> None:
+        """Write one line and flush it; raise OSError if it cannot be written."""
+        stream = self.stream or sys.stdout
+        stream.write(line + "\n")
+        stream.flush()
+
+
+EVENT_LINES = EventLines()
+
+
+def event_line(message: str, fields: dict[str, Any]) -> str:
+    """Return an accepted event's line: what JsonLineFormatter makes of an info record with these fields."""
+    line = f'{{"level": "info", "msg": {JSON_STRING(message)}'
+    for name, value in fields.items():
+        if not isinstance(value, JsonText):
+            line += f", {JSON_STRING(name)}: {json_value(value)}"
+    for name, value in fields.items():
+        if isinstance(value, JsonText):
+            line += f', "{name}": {value}'
+    return line + "}"
+
+
+def json_value(value: Any) -> str:
+    """Return one field's value as JSON: the common cases without the encoder's machinery."""
+    if value.__class__ is str:
+        return JSON_STRING(value)
+    return "null" if value is None else JSON.encode(value)
 
 
 class JsonText(str):

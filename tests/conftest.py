@@ -23,7 +23,7 @@ settings.register_profile("quick", database=None, print_blob=True, max_examples=
 settings.register_profile("deep", database=None, print_blob=True, max_examples=5000, deadline=None)
 
 from receiver import create_app
-from receiver.logs import JsonLineFormatter, configure_logging
+from receiver.logs import EVENT_LINES, JsonLineFormatter, configure_logging
 
 configure_logging()  # as a worker does when it loads the app: before any test adds a handler of its own
 
@@ -66,13 +66,15 @@ def runner(app):
 
 @pytest.fixture
 def log_lines():
-    """Return a function listing the receiver's log lines, parsed, since the test began."""
+    """Return a function listing the receiver's log lines, parsed, since the test began: events' lines among them."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonLineFormatter())
     logger = logging.getLogger("receiver")
     logger.addHandler(handler)
+    stdout, EVENT_LINES.stream = EVENT_LINES.stream, stream
     yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    EVENT_LINES.stream = stdout
     logger.removeHandler(handler)
 
 

@@ -163,6 +163,21 @@ def run_wrk(url: str, case: Case, seconds: int, connections: int) -> dict:
     return figures
 
 
+def worker_cpu_seconds(server: Server) -> float:
+    """Return the CPU time (user and system) that the server's processes but its log pipe's reader have used."""
+    pid = str(server.process.pid)
+    children = subprocess.run(["pgrep", "-P", pid], capture_output=True, text=True).stdout.split()
+    ticks = 0
+    for process in children or [pid]:
+        try:
+            name, fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)
+        except FileNotFoundError:
+            continue  # a child that has ended since (the settings check at boot)
+        if not name.endswith("(tail"):
+            ticks += int(fields.split()[11]) + int(fields.split()[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def worker_rss_mb(server: Server) -> float:
     """Return the largest resident set of the server's worker processes (or of the server alone), in MB."""
     pid = str(server.process.pid)
@@ -193,7 +208,9 @@ def measure(case: Case, args, folder: Path, round_number: int) -> dict:
     try:
         boot_seconds = wait_for_any_answer(server) if case.any_answer else server.wait_until_up()
         run_wrk(server.url, case, args.warmup, args.connections)
+        cpu_before = worker_cpu_seconds(server)
         figures = run_wrk(server.url, case, args.seconds, args.connections)
+        figures["cpu_us"] = (worker_cpu_seconds(server) - cpu_before) / max(figures["requests"], 1) * 1e6
         figures.update(rss_mb=worker_rss_mb(server), boot_s=boot_seconds, label=case.label, round=round_number)
     finally:
         server.stop()
@@ -211,6 +228,7 @@ def summary(case: Case) -> dict:
             "p50_ms": statistics.median(run["p50_ms"] for run in runs),
             "p99_ms": statistics.median(run["p99_ms"] for run in runs),
             "errors": sum(run["errors"] + run["non_2xx"] for run in runs),
+            "cpu_us": statistics.median(run["cpu_us"] for run in runs),
             "rss_mb": max(run["rss_mb"] for run in runs), "boot_s": max(run["boot_s"] for run in runs)}
 
 
@@ -251,14 +269,16 @@ def stored_events(databases: dict[str, str]) -> str:
 def table(results: list[dict], compared: str | None) -> str:
     """Return the medians as a Markdown table, with ratios to the ceiling, to log only (and to the compared app)."""
     references = ["ceiling", LOG_ONLY] + ([compared] if compared else [])
-    header = "| case | events/s (median) | events/s (range) | p50 ms | p99 ms | errors | RSS/worker MB |"
+    header = ("| case | events/s (median) | events/s (range) | p50 ms | p99 ms | errors | RSS/worker MB "
+              "| worker CPU µs/event |")
     for name in references:
         header += f" events/s vs {name} | p99 vs {name} |"
     rows = [header, "|---" + "|---:" * (header.count("|") - 2) + "|"]
     by_label = {result["label"]: result for result in results}
     for result in results:
         row = (f"| {result['label']} | {result['events_per_s']:.0f} | {result['low']:.0f}-{result['high']:.0f} "
-               f"| {result['p50_ms']:.2f} | {result['p99_ms']:.2f} | {result['errors']} | {result['rss_mb']:.1f} |")
+               f"| {result['p50_ms']:.2f} | {result['p99_ms']:.2f} | {result['errors']} | {result['rss_mb']:.1f} "
+               f"| {result['cpu_us']:.0f} |")
         for name in references:
             reference = by_label[f"{result['size']}: {name}"]
             row += (f" {result['events_per_s'] / reference['events_per_s']:.2f} "

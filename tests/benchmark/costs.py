@@ -33,7 +33,7 @@ STEPS = {  # row of the table -> (module, name) of the function that does it
     "pyjwt's HS256 decode, with every check it makes": (signatures.HS256_JWT, "decode"),
     "both checksums of the body, compared in constant time": (signatures, "verify_checksums"),
     "parsing the event": (webhook, "parse_event"),
-    "the event's JSON log line: its fields, the record, formatting, the write": (webhook, "write_event_line"),
+    "the event's JSON log line: its fields, its text, the write and its flush": (webhook, "write_event_line"),
 }
 CEILING = "bare Flask: routing, request and response objects, reading the body (the ceiling)"
 REST = "the rest: the deadline timer, header lookups, the answer"
