@@ -185,6 +185,7 @@ FROM dt_events AS e JOIN dt_devices AS d USING (device_id)
 CROSS JOIN LATERAL dt_sample_rows(e.event, e.event_type, e.event_time) AS r
 WHERE e.event_time >= %(since)s AND e.event_time < %(until)s
   AND e.event_type IN (SELECT event_type FROM dt_reading_kinds)
+ORDER BY r.sample_time
 """  # noqa: S608 (constant text only)
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")
 
