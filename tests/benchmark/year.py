@@ -333,9 +333,10 @@ def drop_week(connection: psycopg.Connection, layout: str, end: datetime, days: 
         took, slowest = sum(each), max(each) * 1000
     connection.execute("CHECKPOINT")
     shrunk = before_size - count(connection, "SELECT pg_database_size(current_database())")
-    return {"raw events past 7 days removed: events": deleted, "raw events past 7 days removed: seconds": took,
-            "raw events past 7 days removed: slowest partition drop (ms)": slowest, "raw events past 7 days removed: MB it held": freed / 1e6,
-            "raw events past 7 days removed: database shrank (MB)": shrunk / 1e6, "raw events past 7 days removed: shrink / held": shrunk / freed}
+    removed = "raw events past 7 days removed: "
+    return {removed + "events": deleted, removed + "seconds": took, removed + "slowest partition drop (ms)": slowest,
+            removed + "MB they held": freed / 1e6, removed + "database shrank (MB)": shrunk / 1e6,
+            removed + "shrink / held": shrunk / freed}
 
 
 def measure(server: PostgresServer, layout: str, options: argparse.Namespace, end: datetime) -> dict:
