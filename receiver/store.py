@@ -31,6 +31,8 @@ KEEPALIVE_SECONDS = 5
 # The pool retries a failed connection for this long, then starts afresh on the next delivery: so
 # deliveries store again within seconds of the database's return, instead of after a long back-off.
 RECONNECT_SECONDS = 2
+# A wait for a pooled connection ends this much before the wait it is part of (see _connection).
+POOL_MARGIN_SECONDS = 0.25
 # At start, until the table is ready, the schema check is retried this often.
 PREPARE_RETRY_SECONDS = 2
 # What a statement raises when the table, a column or its type is not there (a reset database, a restore
@@ -176,7 +178,9 @@ class EventStore:
         give_up_at = time.monotonic() + wait_seconds
         self._wait_until_ready(wait_seconds)
         try:
-            with self._pool.connection(timeout=give_up_at - time.monotonic()) as connection:
+            # The pool gives up a moment before the write's own deadline, so that the 503 names the cause it saw.
+            pool_wait = max(give_up_at - time.monotonic() - POOL_MARGIN_SECONDS, 0.01)
+            with self._pool.connection(timeout=pool_wait) as connection:
                 yield connection
         except PoolTimeout:
             raise UnavailableError(f"database unavailable: {self.last_fault}") from None
