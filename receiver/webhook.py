@@ -5,6 +5,7 @@ import time
 
 import gevent
 from flask import Blueprint, Response, request
+from gunicorn.http.errors import ParseException
 from werkzeug.datastructures import EnvironHeaders
 from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 from werkzeug.wsgi import get_content_length
@@ -122,7 +123,7 @@ def read_body(environ: dict) -> bytes:
             body = stream.read(declared) if declared else b""
             if len(body) < (declared or 0):
                 raise ClientDisconnected()
-    except (OSError, ValueError):  # the client went away before the body's end
+    except (OSError, ValueError, ParseException):  # the client went away, or its chunks are malformed
         raise ClientDisconnected() from None
     if len(body) > MAX_BODY_BYTES:
         raise RequestEntityTooLarge()
