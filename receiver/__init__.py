@@ -12,6 +12,7 @@ def create_app(config: Mapping[str, str] | None = None):
 
     from . import commands, health, webhook
     from .components import build_components
+    from .deliveries import DeliveriesFirst
     from .logs import configure_logging
     from .settings import read_settings
 
@@ -24,4 +25,5 @@ def create_app(config: Mapping[str, str] | None = None):
     app.register_blueprint(webhook.blueprint)
     app.register_blueprint(health.blueprint)
     commands.init_app(app)
+    app.wsgi_app = DeliveriesFirst(app)  # POST / without Flask's per-request work; the rest through Flask
     return app

@@ -11,7 +11,8 @@ def on_event(event: Event) -> None:
     keyed by `event.event_id`, and return within a few seconds: the whole delivery is answered
     within the deadline in receiver/webhook.py, or DT hears 503 and retries. Deliveries that arrive
     together run it at once, each in its own greenlet: guard what they share with a lock
-    (threading's locks cooperate with gevent in the server).
+    (threading's locks cooperate with gevent in the server). It runs outside Flask's request
+    and app contexts (deliveries skip Flask, see receiver/deliveries.py): use what it is given.
 
     With a database, the event is stored before this runs, so nothing is lost while this fails.
     DT retries for 12 hours; after a longer outage of this code (or a bug that did the wrong

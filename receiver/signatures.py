@@ -21,7 +21,7 @@ DT_ISSUER = "https://identity.disruptive-technologies.com/data-connector"
 LEEWAY_SECONDS = 60
 
 DIGESTS = {"checksum_sha256": hashlib.sha256, "checksum": hashlib.sha1}
-HS256_RULES = {"algorithms": ["HS256"], "options": {"require": ["exp", "iat"]}, "leeway": LEEWAY_SECONDS}
+HS256_RULES = {"algorithms": ["HS256"], "leeway": LEEWAY_SECONDS}  # and the claims HS256_JWT requires
 
 # Fixed reasons, never pyjwt's messages: those may quote parts of the token.
 TOKEN_FAULTS = (
@@ -54,7 +54,8 @@ class HS256CheckingEachSecretOnce(HMACAlgorithm):
 
 # The receiver's own decoder, so the rest of the process keeps pyjwt's HS256. pyjwt 2 takes no
 # algorithms in PyJWT's constructor: an instance's algorithms live in the PyJWS it holds.
-HS256_JWT = jwt.PyJWT()
+# Its required claims are given here, once, rather than merged into its options on every decode.
+HS256_JWT = jwt.PyJWT(options={"require": ["exp", "iat"]})
 HS256_JWT._jws = jwt.PyJWS(algorithms=[], options=HS256_JWT._jws.options)
 HS256_JWT._jws.register_algorithm("HS256", HS256CheckingEachSecretOnce(HMACAlgorithm.SHA256))
 
