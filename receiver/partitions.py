@@ -1,0 +1,203 @@
+"""The partitions of dt_events (a UTC day each) and dt_samples (a UTC month each): made ahead, dropped past retention.
+
+Every step takes its locks within LOCK_TIMEOUT or gives up until the next round, so a delivery waits on it a
+moment at most: a new partition is attached (which locks the parent for writes of no one), never created as
+PARTITION OF the live table (which would lock the parent against every insert); a partition is dropped whole
+(its space goes back to the disk); the rows before a cutoff in the DEFAULT partition, in the partition that
+straddles the cutoff and in the table from before the partitions are deleted a few thousand at a time.
+"""
+
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, time, timedelta
+from typing import NamedTuple
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import tuple_row
+
+EVENTS, SAMPLES = "dt_events", "dt_samples"
+TIME_COLUMN = {EVENTS: "event_time", SAMPLES: "time"}
+EVENT_DAYS_AHEAD = 7
+SAMPLE_MONTHS_AHEAD = 1
+LOCK_TIMEOUT = "500ms"
+DELETE_BATCH_ROWS = 5000
+MIN_WINDOW = timedelta(seconds=1)
+
+# Each partition of a table with its bounds: NULL for MINVALUE and MAXVALUE, and both NULL for the DEFAULT
+# partition. The bounds are printed in the session's zone, with its offset, so they read back as the same instants.
+PARTITIONS = r"""
+SELECT c.relname, b[1] IS NULL AS is_default,
+       CASE WHEN b[1] <> 'MINVALUE' THEN btrim(b[1], '''')::timestamptz END AS since,
+       CASE WHEN b[2] <> 'MAXVALUE' THEN btrim(b[2], '''')::timestamptz END AS until,
+       pg_total_relation_size(c.oid) AS bytes, greatest(c.reltuples, 0)::bigint AS rows
+FROM pg_inherits AS i
+JOIN pg_class AS c ON c.oid = i.inhrelid
+LEFT JOIN LATERAL regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \((.+)\) TO \((.+)\)') AS b ON true
+WHERE i.inhparent = to_regclass(%s)
+ORDER BY b[1] IS NOT NULL, since NULLS FIRST
+"""
+
+
+class Partition(NamedTuple):
+    """A partition: name, whether it is DEFAULT, bounds (None: unbounded, or DEFAULT), bytes, about how many rows."""
+
+    name: str
+    is_default: bool
+    since: datetime | None
+    until: datetime | None
+    bytes: int
+    rows: int
+
+
+class Plan(NamedTuple):
+    """What removing a table's rows from before a cutoff takes: partitions to drop whole, and partitions to trim."""
+
+    drop: list[Partition]
+    trim: list[Partition]
+
+
+def partitions(connection: psycopg.Connection, table: str) -> list[Partition]:
+    """Return a table's partitions, DEFAULT first, then by their start; none if the table is not partitioned."""
+    cursor = connection.cursor(row_factory=tuple_row)
+    return [Partition(*row) for row in cursor.execute(PARTITIONS, (table,))]
+
+
+def partition_name(table: str, day: date) -> str:
+    """Return the name of the partition that holds a day: dt_events_p20261205, or dt_samples_p202612."""
+    return f"{table}_p{day:%Y%m%d}" if table == EVENTS else f"{table}_p{day:%Y%m}"
+
+
+def midnight(day: date) -> datetime:
+    """Return the start of a UTC day."""
+    return datetime.combine(day, time(), UTC)
+
+
+def ahead(today: date) -> list[tuple[str, datetime, datetime]]:
+    """Return the partitions that should exist from today on: events today to today + 7, samples this month and next."""
+    wanted = [(EVENTS, midnight(today + timedelta(days=n)), midnight(today + timedelta(days=n + 1)))
+              for n in range(EVENT_DAYS_AHEAD + 1)]
+    month = today.replace(day=1)
+    for _ in range(SAMPLE_MONTHS_AHEAD + 1):
+        following = (month + timedelta(days=32)).replace(day=1)
+        wanted.append((SAMPLES, midnight(month), midnight(following)))
+        month = following
+    return wanted
+
+
+def ensure_partitions(connection: psycopg.Connection, today: date) -> list[str]:
+    """Make the partitions from today on that do not exist yet (see ahead()); return the names of those made.
+
+    A partition whose range another one already covers (the table from before the partitions) is not made.
+    """
+    made = []
+    for table, since, until in ahead(today):
+        existing = partitions(connection, table)
+        if not existing or any(overlaps(p, since, until) for p in existing):
+            continue
+        if attach_new_partition(connection, table, since, until):
+            made.append(partition_name(table, since.date()))
+    return made
+
+
+def overlaps(partition: Partition, since: datetime, until: datetime) -> bool:
+    """Tell whether a partition other than DEFAULT holds some of a range."""
+    return (not partition.is_default and (partition.since is None or partition.since < until)
+            and (partition.until is None or partition.until > since))
+
+
+def attach_new_partition(connection: psycopg.Connection, table: str, since: datetime, until: datetime) -> bool:
+    """Create one partition beside the table, move into it the DEFAULT partition's rows of its range, and attach it.
+
+    One transaction: the DEFAULT partition is locked first, so no delivery adds a row of the range between the
+    move and the attach (which checks the DEFAULT partition holds none). False if a lock was not had in time.
+    """
+    name = partition_name(table, since.date())
+    column = sql.Identifier(TIME_COLUMN[table])
+    names = {"table": sql.Identifier(table), "new": sql.Identifier(name),
+             "default": sql.Identifier(f"{table}_default"), "column": column}
+    bounds = {"since": since, "until": until}
+    try:
+        with connection.transaction():
+            connection.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+            connection.execute(sql.SQL("CREATE TABLE {new} (LIKE {table} INCLUDING DEFAULTS)").format(**names))
+            if to_regclass(connection, f"{table}_default"):
+                connection.execute(sql.SQL("LOCK TABLE {default} IN ACCESS EXCLUSIVE MODE").format(**names))
+                connection.execute(sql.SQL(
+                    "WITH moved AS (DELETE FROM {default} WHERE {column} >= %(since)s AND {column} < %(until)s "
+                    "RETURNING *) INSERT INTO {new} SELECT * FROM moved").format(**names), bounds)
+            connection.execute(sql.SQL("ALTER TABLE {table} ATTACH PARTITION {new} FOR VALUES FROM ({since}) TO "
+                                       "({until})").format(since=sql.Literal(since), until=sql.Literal(until), **names))
+    except psycopg.errors.LockNotAvailable:
+        return False
+    return True
+
+
+def to_regclass(connection: psycopg.Connection, name: str) -> bool:
+    """Tell whether a table of this name exists."""
+    return connection.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]
+
+
+def plan_removal(connection: psycopg.Connection, table: str, before: datetime) -> Plan:
+    """Return which partitions of a table lie wholly before a time (dropped), and which hold rows on both sides."""
+    found = partitions(connection, table)
+    drop = [p for p in found if not p.is_default and p.until is not None and p.until <= before]
+    trim = [p for p in found if p.is_default or p not in drop and (p.since is None or p.since < before)]
+    return Plan(drop, trim)
+
+
+def drop_partition(connection: psycopg.Connection, partition: Partition) -> bool:
+    """Drop a partition, its space given back; False if its table's lock was not had in time (next round, then)."""
+    try:
+        with connection.transaction():
+            connection.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+            connection.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(partition.name)))
+    except psycopg.errors.LockNotAvailable:
+        return False
+    return True
+
+
+def trim_partition(connection: psycopg.Connection, table: str, partition: Partition,
+                   before: datetime) -> Iterator[int]:
+    """Delete a partition's rows from before a time, oldest first, a window of time per transaction (about 5,000
+    rows: the window narrows after a larger batch and widens after a smaller one); yield how many each deleted.
+
+    Each window starts where the last one ended, so none walks the index entries of rows already deleted.
+    """
+    column = sql.Identifier(TIME_COLUMN[table])
+    table_name = sql.Identifier(partition.name)
+    cursor = connection.cursor(row_factory=tuple_row)
+    start = partition.since or cursor.execute(sql.SQL("SELECT min({}) FROM {} WHERE {} < %s").format(
+        column, table_name, column), (before,)).fetchone()[0]
+    if start is None or start >= before:
+        return
+    span = min(partition.until or before, before) - start
+    width = max(span * DELETE_BATCH_ROWS / max(partition.rows, 1), MIN_WINDOW)
+    delete = sql.SQL("DELETE FROM {} WHERE {} >= %s AND {} < %s").format(table_name, column, column)
+    while start < before:
+        end = min(start + width, before)
+        deleted = cursor.execute(delete, (start, end)).rowcount
+        if deleted:
+            yield deleted
+        start = end
+        width = max(width / 2, MIN_WINDOW) if deleted > 2 * DELETE_BATCH_ROWS else (
+            width * 2 if deleted < DELETE_BATCH_ROWS / 2 else width)
+
+
+def remove_before(connection: psycopg.Connection, table: str, before: datetime) -> dict:
+    """Remove a table's rows from before a time: drop the partitions wholly before it, trim the others.
+
+    Return what it did: partitions dropped (names), their bytes, partitions left for the next round (a lock not
+    had), and rows deleted one by one.
+    """
+    plan = plan_removal(connection, table, before)
+    done = {"dropped": [], "freed_bytes": 0, "dropped_rows": 0, "skipped": [], "deleted": 0}
+    for partition in plan.drop:
+        if drop_partition(connection, partition):
+            done["dropped"].append(partition.name)
+            done["freed_bytes"] += partition.bytes
+            done["dropped_rows"] += partition.rows
+        else:
+            done["skipped"].append(partition.name)
+    for partition in plan.trim:
+        done["deleted"] += sum(trim_partition(connection, table, partition, before))
+    return done
