@@ -29,7 +29,7 @@ PARTITIONS = r"""
 SELECT c.relname, b[1] IS NULL AS is_default,
        CASE WHEN b[1] <> 'MINVALUE' THEN btrim(b[1], '''')::timestamptz END AS since,
        CASE WHEN b[2] <> 'MAXVALUE' THEN btrim(b[2], '''')::timestamptz END AS until,
-       pg_total_relation_size(c.oid) AS bytes, greatest(c.reltuples, 0)::bigint AS rows
+       pg_total_relation_size(c.oid) AS bytes
 FROM pg_inherits AS i
 JOIN pg_class AS c ON c.oid = i.inhrelid
 LEFT JOIN LATERAL regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \((.+)\) TO \((.+)\)') AS b ON true
@@ -39,14 +39,13 @@ ORDER BY b[1] IS NOT NULL, since NULLS FIRST
 
 
 class Partition(NamedTuple):
-    """A partition: name, whether it is DEFAULT, bounds (None: unbounded, or DEFAULT), bytes, about how many rows."""
+    """A partition: its name, whether it is DEFAULT, its bounds (None: unbounded, or DEFAULT), its bytes."""
 
     name: str
     is_default: bool
     since: datetime | None
     until: datetime | None
     bytes: int
-    rows: int
 
 
 class Plan(NamedTuple):
@@ -134,7 +133,12 @@ def attach_new_partition(connection: psycopg.Connection, table: str, since: date
 
 def to_regclass(connection: psycopg.Connection, name: str) -> bool:
     """Tell whether a table of this name exists."""
-    return connection.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]
+    return one_value(connection, "SELECT to_regclass(%s) IS NOT NULL", (name,))
+
+
+def one_value(connection: psycopg.Connection, query, params: tuple = ()):
+    """Return the one value a query finds, whatever rows the connection makes."""
+    return connection.cursor(row_factory=tuple_row).execute(query, params).fetchone()[0]
 
 
 def plan_removal(connection: psycopg.Connection, table: str, before: datetime) -> Plan:
@@ -143,6 +147,20 @@ def plan_removal(connection: psycopg.Connection, table: str, before: datetime) -
     drop = [p for p in found if not p.is_default and p.until is not None and p.until <= before]
     trim = [p for p in found if p.is_default or p not in drop and (p.since is None or p.since < before)]
     return Plan(drop, trim)
+
+
+def planned_rows(connection: psycopg.Connection, table: str, partition: Partition,
+                 before: datetime | None = None) -> int:
+    """Return how many rows the planner expects a partition to hold (from before a time): it reads none to say so.
+    A partition never analyzed (a new one, or the table from before the partitions) is analyzed first: a sample."""
+    name = sql.Identifier(partition.name)
+    if one_value(connection, "SELECT reltuples < 0 FROM pg_class WHERE oid = to_regclass(%s)", (partition.name,)):
+        connection.execute(sql.SQL("ANALYZE {}").format(name))
+    query = sql.SQL("EXPLAIN (FORMAT JSON) SELECT FROM {}").format(name)
+    if before is not None:
+        query += sql.SQL(" WHERE {} < {}").format(sql.Identifier(TIME_COLUMN[table]), sql.Literal(before))
+    [explained] = one_value(connection, query)
+    return round(explained["Plan"]["Plan Rows"])
 
 
 def drop_partition(connection: psycopg.Connection, partition: Partition) -> bool:
@@ -171,7 +189,7 @@ def trim_partition(connection: psycopg.Connection, table: str, partition: Partit
     if start is None or start >= before:
         return
     span = min(partition.until or before, before) - start
-    width = max(span * DELETE_BATCH_ROWS / max(partition.rows, 1), MIN_WINDOW)
+    width = max(span * DELETE_BATCH_ROWS / max(planned_rows(connection, table, partition, before), 1), MIN_WINDOW)
     delete = sql.SQL("DELETE FROM {} WHERE {} >= %s AND {} < %s").format(table_name, column, column)
     while start < before:
         end = min(start + width, before)
@@ -186,16 +204,17 @@ def trim_partition(connection: psycopg.Connection, table: str, partition: Partit
 def remove_before(connection: psycopg.Connection, table: str, before: datetime) -> dict:
     """Remove a table's rows from before a time: drop the partitions wholly before it, trim the others.
 
-    Return what it did: partitions dropped (names), their bytes, partitions left for the next round (a lock not
-    had), and rows deleted one by one.
+    Return what it did: partitions dropped (names), their bytes and about how many rows they held, partitions left
+    for the next round (a lock not had), and rows deleted one by one.
     """
     plan = plan_removal(connection, table, before)
     done = {"dropped": [], "freed_bytes": 0, "dropped_rows": 0, "skipped": [], "deleted": 0}
     for partition in plan.drop:
+        rows = planned_rows(connection, table, partition)
         if drop_partition(connection, partition):
+            done["dropped_rows"] += rows
             done["dropped"].append(partition.name)
             done["freed_bytes"] += partition.bytes
-            done["dropped_rows"] += partition.rows
         else:
             done["skipped"].append(partition.name)
     for partition in plan.trim:

@@ -32,7 +32,7 @@ def run_round(connection: psycopg.Connection, settings: Mapping[str, str], now: 
               remove: bool = True) -> dict | None:
     """Make the partitions ahead and (`remove`) remove what each retention has passed; None if another worker holds
     the lock. Return what was done: partitions made and dropped, rows deleted, bytes given back."""
-    if not connection.execute(UPKEEP_LOCK).fetchone()[0]:
+    if not partitions.one_value(connection, UPKEEP_LOCK):
         return None
     try:
         done = {"created": partitions.ensure_partitions(connection, now.astimezone(UTC).date()), "dropped": [],
