@@ -72,12 +72,13 @@ def test_concurrent_duplicates_on_two_servers_leave_one_row(start_server, databa
 
 
 def test_schema_has_the_indexes_users_query_by(make_app, database_url):
-    """The table is created when the worker starts, with indexes for one device over time and for all devices over time."""
+    """The table is created when the worker starts, partitioned by time, unique on the event id within its time, with
+    indexes for one device over time and for all devices over time."""
     client = make_app(DATABASE_URL=database_url).test_client()
     client.post("/", data=(delivery := signed_delivery())[0], headers=delivery[1])
     indexes = {row["indexdef"].split(" USING btree ")[1] for row in rows(
         database_url, "SELECT indexdef FROM pg_indexes WHERE tablename = 'dt_events'")}
-    assert indexes == {"(event_id)", "(device_id, event_time)", "(event_time)"}
+    assert indexes == {"(event_id, event_time)", "(device_id, event_time)", "(event_time)"}
 
 
 def test_each_worker_prepares_the_table_as_it_boots(start_server, postgres, database_url):
