@@ -146,10 +146,7 @@ def prune(older_than: datetime | None, readings_older_than: datetime | None, dry
             if dry_run:
                 click.echo(estimate_line(queries.prune_estimate(connection, table, before), what, cutoff))
                 continue
-            done = queries.prune(connection, table, before)
-            click.echo(f"prune: {what} from before {cutoff}: {len(done['dropped'])} partitions dropped (about "
-                       f"{done['dropped_rows']} {what}), {megabytes(done['freed_bytes'])} given back; "
-                       f"{done['deleted']} more deleted, their space left for new rows" + skipped_note(done))
+            click.echo(done_line(queries.prune(connection, table, before), what, cutoff))
 
 
 def estimate_line(estimate: dict, what: str, cutoff: str) -> str:
@@ -160,11 +157,15 @@ def estimate_line(estimate: dict, what: str, cutoff: str) -> str:
             "for new rows")
 
 
-def skipped_note(done: dict) -> str:
-    """Return what a prune left for later: partitions whose lock it did not get within the moment it waits."""
-    if not done["skipped"]:
-        return ""
-    return f"; {len(done['skipped'])} partitions busy, left for the next run: {', '.join(done['skipped'])}"
+def done_line(done: dict, what: str, cutoff: str) -> str:
+    """Return what a prune removed, for people: the rows of whole partitions dropped are the planner's count."""
+    removed = done["dropped_rows"] + done["deleted"]
+    line = (f"prune: removed {'about ' if done['dropped'] else ''}{removed} {what} from before {cutoff}: "
+            f"{len(done['dropped'])} whole partitions dropped, {megabytes(done['freed_bytes'])} given back; "
+            f"{done['deleted']} deleted in batches, their space reused by new rows")
+    if done["skipped"]:  # a lock not had within the moment it waits: a long query was reading them
+        line += f"; busy, left for the next run: {', '.join(done['skipped'])}"
+    return line
 
 
 @click.command("status")
@@ -350,7 +351,17 @@ def status_lines(report: dict, plan_bytes: int | None, silence_limit: timedelta 
                  f"database {megabytes(sizes['database_bytes'])}{full}")
     if plan_bytes:
         lines.append(plan_line(report, plan_bytes, config))
+    if report["fill"] is not None:
+        lines.append(fill_line(report["fill"]))
     return lines
+
+
+def fill_line(fill: dict) -> str:
+    """Return how far the readings of the events stored before the upgrade to partitions have been filled in."""
+    if fill["done"]:
+        return f"readings of the events stored before the upgrade: all filled in ({fill['events']} events)"
+    return (f"readings of the events stored before the upgrade: filling in, newest first: {fill['events']} events "
+            f"so far, every one from {utc_text(fill['reached'])} UTC on")
 
 
 RETENTIONS = (("events", "EVENTS_RETENTION"), ("readings", "READINGS_RETENTION"))

@@ -174,31 +174,42 @@ def drop_partition(connection: psycopg.Connection, partition: Partition) -> bool
     return True
 
 
+# One batch: at most DELETE_BATCH_ROWS rows of a window of time, oldest first. It starts where the last one stopped,
+# so it never walks the index entries of rows already deleted; >= keeps rows that share the last batch's final time.
+DELETE_ONE_BATCH = """
+WITH gone AS (
+    DELETE FROM {table} WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM {table} WHERE {column} >= %(since)s AND {column} < %(until)s ORDER BY {column} LIMIT %(batch)s
+    )) RETURNING {column}
+)
+SELECT count(*), max({column}) FROM gone
+"""
+
+
 def trim_partition(connection: psycopg.Connection, table: str, partition: Partition,
                    before: datetime) -> Iterator[int]:
-    """Delete a partition's rows from before a time, oldest first, a window of time per transaction (about 5,000
-    rows: the window narrows after a larger batch and widens after a smaller one); yield how many each deleted.
-
-    Each window starts where the last one ended, so none walks the index entries of rows already deleted.
-    """
+    """Delete a partition's rows from before a time, oldest first, at most 5,000 per transaction; yield how many
+    each deleted. Each batch looks in a window of time expected to hold about 5,000 rows (narrowed after a full
+    batch, widened after a small one), so that it sorts few rows: dt_samples has no B-tree on time alone."""
     column = sql.Identifier(TIME_COLUMN[table])
-    table_name = sql.Identifier(partition.name)
-    cursor = connection.cursor(row_factory=tuple_row)
-    start = partition.since or cursor.execute(sql.SQL("SELECT min({}) FROM {} WHERE {} < %s").format(
-        column, table_name, column), (before,)).fetchone()[0]
+    names = {"table": sql.Identifier(partition.name), "column": column}
+    start = partition.since or one_value(connection, sql.SQL("SELECT min({column}) FROM {table} WHERE {column} < %s")
+                                         .format(**names), (before,))
     if start is None or start >= before:
         return
     span = min(partition.until or before, before) - start
     width = max(span * DELETE_BATCH_ROWS / max(planned_rows(connection, table, partition, before), 1), MIN_WINDOW)
-    delete = sql.SQL("DELETE FROM {} WHERE {} >= %s AND {} < %s").format(table_name, column, column)
+    delete = sql.SQL(DELETE_ONE_BATCH).format(**names)
+    cursor = connection.cursor(row_factory=tuple_row)
     while start < before:
         end = min(start + width, before)
-        deleted = cursor.execute(delete, (start, end)).rowcount
+        deleted, reached = cursor.execute(delete, {"since": start, "until": end, "batch": DELETE_BATCH_ROWS}).fetchone()
         if deleted:
             yield deleted
-        start = end
-        width = max(width / 2, MIN_WINDOW) if deleted > 2 * DELETE_BATCH_ROWS else (
-            width * 2 if deleted < DELETE_BATCH_ROWS / 2 else width)
+        if deleted == DELETE_BATCH_ROWS:  # the window holds more: go on from the last time deleted, in a narrower one
+            start, width = reached, max(width / 2, MIN_WINDOW)
+        else:
+            start, width = end, width * 2 if deleted < DELETE_BATCH_ROWS / 2 else width
 
 
 def remove_before(connection: psycopg.Connection, table: str, before: datetime) -> dict:

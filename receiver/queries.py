@@ -14,6 +14,7 @@ from .events import parse_event
 from .logs import database_fault
 from .schema import migrate
 from .store import LAST_ARRIVAL, connection_options, insert_keeping_odd_text
+from .upgrade import fill_progress
 
 HISTORY_BATCH = 1000
 # A person waits on a command, not DT: a statement may take this long (the deliveries' 5 s would end `status`
@@ -264,4 +265,5 @@ def status(connection: psycopg.Connection) -> dict:
         "sources": connection.execute(SOURCES).fetchone(),
         "sizes": (sizes := connection.execute(SIZES).fetchone()),
         "growth": growth(connection, sizes),
+        "fill": fill_progress(connection),
     }
