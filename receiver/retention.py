@@ -66,7 +66,9 @@ def guarded_round(lend, settings: Mapping[str, str], remove: bool = True) -> str
     as a short cause (a fault is never raised: the loop, and the worker, go on)."""
     try:
         with lend(CONNECTION_WAIT_SECONDS) as connection:
-            log_round(run_round(connection, settings, datetime.now(UTC), remove))
+            done = run_round(connection, settings, datetime.now(UTC), remove)
+        if remove or (done and done["created"]):  # at boot, only a worker that made partitions says so
+            log_round(done)
         return None
     except UnavailableError as error:  # the store names its cause: "database unavailable: timeout"
         return str(error)
