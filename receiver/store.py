@@ -12,6 +12,7 @@ from datetime import timedelta
 
 import gevent
 import psycopg
+from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .errors import ConfigError, UnavailableError
@@ -57,7 +58,7 @@ readings AS (
 NEW_EVENTS = """
 new AS (
     INSERT INTO dt_events (event_id, device_id, event_type, event_time, source, event)
-    SELECT event_id, device_id, event_type, event_time, '{source}', event
+    SELECT event_id, device_id, event_type, COALESCE(event_time, now()), '{source}', event
     FROM unnest(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::text[])
          AS batch (event_id, device_id, event_type, event_time, event)
     {unseen}
@@ -325,8 +326,8 @@ class DeviceNumbers:
             written = {escaped(device_id): device_id for device_id in missing}
             connection.execute("INSERT INTO dt_devices (device_id) SELECT unnest(%s::text[]) "
                                "ON CONFLICT (device_id) DO NOTHING", (list(written),))
-            found = connection.execute("SELECT device_id, device FROM dt_devices WHERE device_id = ANY(%s)",
-                                       (list(written),)).fetchall()
+            found = connection.cursor(row_factory=tuple_row).execute(
+                "SELECT device_id, device FROM dt_devices WHERE device_id = ANY(%s)", (list(written),)).fetchall()
             self._numbers.update((written[device_id], device) for device_id, device in found)
         return self._numbers
 
@@ -366,10 +367,11 @@ def write_untimed(connection: psycopg.Connection, row: tuple, devices: dict[str,
 def insert_keeping_odd_text(connection: psycopg.Connection, query: str, params) -> psycopg.Cursor:
     """Run an insert and return its cursor; if a NUL or a lone surrogate in any row stops it, run it again
     with those written as JSON escapes, so that an authentic event is kept all the same (and rows beside it)."""
+    cursor = connection.cursor(row_factory=tuple_row)
     try:
-        return connection.execute(query, params)
+        return cursor.execute(query, params)
     except (psycopg.DataError, UnicodeEncodeError):
-        return connection.execute(query, escaped(params))
+        return cursor.execute(query, escaped(params))
 
 
 def first_of_each(event_ids: list[str], new: set[str]) -> list[bool]:
