@@ -11,7 +11,7 @@ from support.dt_api import PROJECT, rfc3339_ns
 from support.signing import SECRET, signed_delivery
 
 from receiver.sample import encode_body, sign_body
-from receiver.schema import VERSION, migrate
+from receiver.schema import VERSION
 
 # The events table and dt_schema as version 2 shipped them (a frozen copy: later steps may change the schema).
 VERSION_2 = """
