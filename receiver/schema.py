@@ -229,7 +229,7 @@ DROP FUNCTION IF EXISTS dt_reading_fields();
 """
 
 # A new database gets the latest schema at once; an upgrade that replaces the view must change this too.
-LATEST = PARTITIONED_EVENTS + SAMPLES + LAST_ARRIVAL_TABLE
+LATEST = PARTITIONED_EVENTS + SAMPLES + SAMPLE_ROWS_FUNCTIONS + LAST_ARRIVAL_TABLE
 
 
 class Step(NamedTuple):
