@@ -193,20 +193,21 @@ class EventStore:
         # A deadline of its own: a frozen server never answers, and no delivery's may cut short a batch others wait on.
         with gevent.Timeout(wait_seconds, UnavailableError("database unavailable: timeout")):
             with self._connection(wait_seconds) as connection:
+                partitioned = self._partitioned
                 try:
-                    new = self._insert(connection, rows)
+                    new = self._insert(connection, rows, partitioned)
                 except psycopg.errors.InvalidColumnReference:
-                    if self._partitioned:
+                    if partitioned:
                         raise
                     self._partitioned = True  # another process has switched to schema 5: its statements
-                    new = self._insert(connection, rows)
+                    new = self._insert(connection, rows, True)
         return first_of_each([escaped(row[0]) for row in rows], new)  # as written, if the text had to be escaped
 
-    def _insert(self, connection: psycopg.Connection, rows: list[tuple]) -> set[str]:
+    def _insert(self, connection: psycopg.Connection, rows: list[tuple], partitioned: bool) -> set[str]:
         """Insert rows, by event id as backfill inserts (two inserts of the same ids never wait on each other in a
         cycle); return the ids that were new. Of two rows with one id, the first is written."""
         unique = sorted({row[0]: row for row in reversed(rows)}.values(), key=lambda row: row[0])
-        if not self._partitioned:
+        if not partitioned:
             columns = [list(column) for column in zip(*(row[:5] for row in unique), strict=True)]
             return {event_id for (event_id,) in insert_keeping_odd_text(connection, INSERT, columns)}
         devices = self._devices.numbers(connection, {row[1] for row in unique if row[5] and row[1] is not None})
