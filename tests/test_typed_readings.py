@@ -1,6 +1,7 @@
 """Schema 5 against real PostgreSQL: readings written once per new event, exactly once across partitions."""
 
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 
 import psycopg
@@ -166,3 +167,29 @@ def test_a_body_jsonb_refuses_gives_no_readings_but_is_stored(make_app, database
 def signed_delivery_of(body: bytes) -> tuple[bytes, dict]:
     """Return a body as it is, with the headers DT signs it with."""
     return body, {"Content-Type": "application/json", "X-Dt-Signature": sign_body(body, SECRET)}
+
+
+def test_two_deliveries_of_an_untimed_event_racing_store_one_row(make_app, database_url):
+    """Two workers delivering one event without a timestamp at the same moment (held at the lock on its id until
+    both are there) store one row and one reading: one is answered stored, the other duplicate."""
+    apps = [make_app(DATABASE_URL=database_url) for _ in range(2)]
+    now = datetime.now(timezone.utc)
+    body = dt_body("touch", {"touch": {"updateTime": rfc3339_ns(now)}}, now, "untimed-race")
+    body["event"]["timestamp"] = None
+    for app in apps:
+        assert app.extensions["receiver"].store.check(10) is None
+    answers = []
+    racers = [threading.Thread(target=lambda app=app: answers.append(deliver(app.test_client(),
+                                                                             *signed_delivery(body))))
+              for app in apps]
+    with psycopg.connect(database_url) as holder:
+        holder.execute("SELECT pg_advisory_xact_lock(hashtextextended('untimed-race', 0))")
+        [racer.start() for racer in racers]
+        give_up_at = time.monotonic() + 5
+        while holder.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                             ).fetchone()[0] < 2 and len(answers) < 2 and time.monotonic() < give_up_at:
+            time.sleep(0.01)
+    [racer.join() for racer in racers]
+    assert sorted(answers) == [(200, "duplicate\n"), (200, "stored\n")]
+    assert rows(database_url, "SELECT count(*) FROM dt_events") == [(1,)]
+    assert samples_by_event(database_url) == {"untimed-race": 1}
