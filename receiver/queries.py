@@ -12,8 +12,17 @@ from psycopg.rows import dict_row, tuple_row
 from . import partitions
 from .events import parse_event
 from .logs import database_fault
+from .readings import samples_of
 from .schema import migrate
-from .store import LAST_ARRIVAL, connection_options, insert_keeping_odd_text
+from .store import (
+    LAST_ARRIVAL,
+    WRITE_HISTORY,
+    DeviceNumbers,
+    connection_options,
+    event_columns,
+    insert_keeping_odd_text,
+    sample_columns,
+)
 from .upgrade import fill_progress
 
 HISTORY_BATCH = 1000
@@ -34,15 +43,6 @@ ORDER BY event_time DESC
 LIMIT %(limit)s
 """
 
-# One round trip per batch; ON CONFLICT keeps rows already there (pushed rows carry labels and metadata).
-INSERT_HISTORY = """
-INSERT INTO dt_events (event_id, device_id, event_type, event_time, source, event)
-SELECT event_id, device_id, event_type, COALESCE(event_time, now()), 'history', event
-FROM unnest(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::text[])
-     AS batch (event_id, device_id, event_type, event_time, event)
-ON CONFLICT (event_id) DO NOTHING
-"""
-
 OLD_ROWS_UP_TO = "SELECT count(*) FROM (SELECT FROM {} WHERE {} < %s LIMIT %s) AS old"
 # The receiver's upkeep takes the same lock: a command waits for its round to end rather than drop what it drops.
 UPKEEP_LOCK = "SELECT pg_advisory_lock(hashtextextended('dt-receiver upkeep', 0))"
@@ -59,11 +59,12 @@ WHERE event_time >= %(since)s AND event_time < %(until)s
 
 WINDOW_EVENTS = "SELECT count(*) FROM dt_events" + WINDOW  # noqa: S608 (constant text only)
 
-# Readings as CSV wants them: times in UTC as RFC 3339, values as the shortest text that reads back exactly.
+# Readings as CSV wants them: times in UTC as RFC 3339, values as the shortest text that reads back exactly. The
+# window is of the readings' own time, which dt_samples' partitions and indexes serve.
 WINDOW_READINGS = """
 SELECT to_char(time AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), device_id, event_type, name,
        value::text, state, unit, event_id
-FROM dt_readings""" + WINDOW + "ORDER BY event_time, event_id, time, name"
+FROM dt_readings""" + WINDOW.replace("event_time", "time") + "ORDER BY time, event_id, name"
 
 WINDOW_BODIES = "SELECT event_id, event FROM dt_events" + WINDOW + "ORDER BY event_time, event_id"  # noqa: S608
 
@@ -113,16 +114,19 @@ def window(connection: psycopg.Connection, query: str, params: dict) -> Iterator
 def add_history(connection: psycopg.Connection, events: Iterable[dict]) -> int:
     """Store events from DT's history (an `event` object each) unless stored already; return how many are new."""
     added = 0
+    devices = DeviceNumbers()
     for batch in batches(events, HISTORY_BATCH):
         # The same columns a pushed event gets; the body is what DT's history holds: the event alone.
         # A lone surrogate (DT's JSON may escape one) is written back as that escape, as a pushed body keeps it.
         parsed = [parse_event(json.dumps({"event": event}, separators=(",", ":"), ensure_ascii=False)
                               .encode("utf-8", "backslashreplace")) for event in batch]
-        parsed.sort(key=lambda event: event.event_id)  # the order live batches insert in: no deadlock between them
-        columns = [[event.event_id for event in parsed], [event.device_id for event in parsed],
-                   [event.event_type for event in parsed], [event.time for event in parsed],
-                   [event.text for event in parsed]]
-        added += insert_keeping_odd_text(connection, INSERT_HISTORY, columns).rowcount
+        # By event id, the order live batches insert in (no deadlock between them); of one id, the first.
+        unique = sorted({event.event_id: event for event in reversed(parsed)}.values(), key=lambda e: e.event_id)
+        rows = [(event.event_id, event.device_id, event.event_type, event.time, event.text, samples_of(event))
+                for event in unique]
+        numbers = devices.numbers(connection, {row[1] for row in rows if row[5] and row[1] is not None})
+        params = event_columns(rows) + sample_columns(rows, numbers)
+        added += insert_keeping_odd_text(connection, WRITE_HISTORY, params).fetchone()[0]
     return added
 
 

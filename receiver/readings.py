@@ -1,7 +1,9 @@
 """Read the typed readings of a parsed DT event, as dt_samples stores them: one row per sample."""
 
+import json
 import math
 import re
+from decimal import Decimal
 from typing import NamedTuple
 
 from .events import Event, parse_timestamp
@@ -45,6 +47,7 @@ KIND_OF = {kind.event_type: kind for kind in KINDS}
 
 # RFC 3339 with its zone: PostgreSQL would also take 'now', 'epoch' or a time in the session's zone.
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")
+TINY = re.compile(r"[eE]-0*[0-9]{3}")  # an exponent that may read as zero
 ESCAPE = re.compile(r"(\\+)u([0-9a-fA-F]{4})")
 
 
@@ -65,6 +68,8 @@ def samples_of(event: Event) -> list[Sample]:
     a body jsonb would refuse (a \\u0000, a lone surrogate) gives none at all, as the readings always have."""
     kind = KIND_OF.get(event.event_type)
     data = event.data
+    if kind and TINY.search(event.text):  # Python reads 1e-400 as 0.0: read the numbers exactly to tell
+        data = json.loads(event.text, parse_float=Decimal)["event"].get("data")
     data = data.get(kind.event_type) if kind and isinstance(data, dict) else None
     if not isinstance(data, dict) or ("\\u" in event.text and jsonb_refuses(event.text)):
         return []
@@ -94,14 +99,14 @@ def is_time(given) -> bool:
 
 def as_number(field) -> float | None:
     """Return a JSON number as double precision, exactly as Python read it; None for anything else, and for a
-    number beyond double precision's range or too near zero for it."""
-    if isinstance(field, bool) or not isinstance(field, int | float):
+    number beyond double precision's range or too near zero for it (a Decimal, read again, tells which)."""
+    if isinstance(field, bool) or not isinstance(field, int | float | Decimal):
         return None
     try:
         number = float(field)
     except OverflowError:
         return None
-    if not math.isfinite(number) or abs(number) >= 1e308 or (number != 0 and abs(number) <= 1e-307):
+    if not math.isfinite(number) or abs(field) >= 1e308 or (field != 0 and abs(field) <= Decimal("1e-307")):
         return None
     return number
 

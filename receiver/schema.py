@@ -229,7 +229,7 @@ DROP FUNCTION IF EXISTS dt_reading_fields();
 """
 
 # A new database gets the latest schema at once; an upgrade that replaces the view must change this too.
-LATEST = PARTITIONED_EVENTS + SAMPLES + LAST_ARRIVAL_TABLE
+LATEST = PARTITIONED_EVENTS + SAMPLES + SAMPLE_ROWS_FUNCTIONS + LAST_ARRIVAL_TABLE
 
 
 class Step(NamedTuple):
@@ -272,8 +272,8 @@ UPGRADES = (
         END IF;
     END $$;
     """, only_adds=False),
-    # 2 -> 3: the readings view (above).
-    Step(READINGS_VIEW, only_adds=True),
+    # 2 -> 3: the readings view (above); version 5 has its own.
+    Step(lambda connection: None if is_partitioned(connection) else connection.execute(READINGS_VIEW), only_adds=True),
     # 3 -> 4: the last arrival's row (above).
     Step(LAST_ARRIVAL_TABLE, only_adds=True),
     # 4 -> 5: the partitioned events and the typed readings (receiver/upgrade.py), deliveries flowing throughout.
@@ -363,8 +363,8 @@ def migrate(connection: psycopg.Connection, again: bool = False, wait: bool = Tr
         connection.execute("SELECT pg_advisory_xact_lock(hashtext('dt_events schema'))")
         if (version := usable_version(connection)) > VERSION or (version == VERSION and not again):
             return version
-        if again and version > 0:
-            version = shape_version(connection)
+        if version > 0 and (again or is_partitioned(connection)):
+            version = shape_version(connection)  # a partitioned table lowered by an older release: LATEST again
         for step in [LATEST] if version in (0, VERSION) else [step.sql for step in UPGRADES[version - 1:]]:
             step(connection) if callable(step) else connection.execute(step)
         ensure_partitions(connection, datetime.now(UTC).date())

@@ -12,6 +12,7 @@ from datetime import timedelta
 
 import gevent
 import psycopg
+from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .errors import ConfigError, UnavailableError
@@ -57,10 +58,17 @@ readings AS (
 NEW_EVENTS = """
 new AS (
     INSERT INTO dt_events (event_id, device_id, event_type, event_time, source, event)
-    SELECT event_id, device_id, event_type, event_time, '{source}', event
+    SELECT event_id, device_id, event_type, COALESCE(event_time, now()), '{source}', event
     FROM unnest(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::text[])
          AS batch (event_id, device_id, event_type, event_time, event)
     {unseen}
+    ON CONFLICT (event_id, event_time) DO NOTHING
+    RETURNING event_id
+)"""
+# A batch of one, the most common, costs less with the event as plain values.
+NEW_EVENT = """
+new AS (
+    INSERT INTO dt_events (event_id, device_id, event_type, event_time, event) VALUES (%b, %b, %b, %b, %b)
     ON CONFLICT (event_id, event_time) DO NOTHING
     RETURNING event_id
 )"""
@@ -82,6 +90,7 @@ noted AS (
 # that finds it being updated waits for that commit; a row already noted within the second is not locked at all.
 PUSHED = NEW_EVENTS.format(source="connector", unseen="")
 WRITE = "WITH" + PUSHED + "," + SAMPLES_OF_NEW + "," + NOTE_ARRIVAL + "\nSELECT event_id FROM new"
+WRITE_ONE = "WITH" + NEW_EVENT + "," + SAMPLES_OF_NEW + "," + NOTE_ARRIVAL + "\nSELECT event_id FROM new"
 WRITE_UNTIMED = "WITH" + NEW_UNTIMED_EVENT + "," + SAMPLES_OF_NEW + "," + NOTE_ARRIVAL + "\nSELECT event_id FROM new"
 # DT's history may write a timestamp differently from the pushed event (a time of the same instant conflicts all
 # the same), so backfill also looks for the id in every partition.
@@ -184,28 +193,30 @@ class EventStore:
         # A deadline of its own: a frozen server never answers, and no delivery's may cut short a batch others wait on.
         with gevent.Timeout(wait_seconds, UnavailableError("database unavailable: timeout")):
             with self._connection(wait_seconds) as connection:
+                partitioned = self._partitioned
                 try:
-                    new = self._insert(connection, rows)
+                    new = self._insert(connection, rows, partitioned)
                 except psycopg.errors.InvalidColumnReference:
-                    if self._partitioned:
+                    if partitioned:
                         raise
                     self._partitioned = True  # another process has switched to schema 5: its statements
-                    new = self._insert(connection, rows)
+                    new = self._insert(connection, rows, True)
         return first_of_each([escaped(row[0]) for row in rows], new)  # as written, if the text had to be escaped
 
-    def _insert(self, connection: psycopg.Connection, rows: list[tuple]) -> set[str]:
+    def _insert(self, connection: psycopg.Connection, rows: list[tuple], partitioned: bool) -> set[str]:
         """Insert rows, by event id as backfill inserts (two inserts of the same ids never wait on each other in a
         cycle); return the ids that were new. Of two rows with one id, the first is written."""
         unique = sorted({row[0]: row for row in reversed(rows)}.values(), key=lambda row: row[0])
-        if not self._partitioned:
+        if not partitioned:
             columns = [list(column) for column in zip(*(row[:5] for row in unique), strict=True)]
             return {event_id for (event_id,) in insert_keeping_odd_text(connection, INSERT, columns)}
         devices = self._devices.numbers(connection, {row[1] for row in unique if row[5] and row[1] is not None})
         timed = [row for row in unique if row[3] is not None]
         new = set()
         if timed:
-            params = event_columns(timed) + sample_columns(timed, devices)
-            new.update(event_id for (event_id,) in insert_keeping_odd_text(connection, WRITE, params))
+            query, events = (WRITE_ONE, list(timed[0][:5])) if len(timed) == 1 else (WRITE, event_columns(timed))
+            params = events + sample_columns(timed, devices)
+            new.update(event_id for (event_id,) in insert_keeping_odd_text(connection, query, params))
         for row in unique:
             if row[3] is None:
                 new.update(write_untimed(connection, row, devices))
@@ -255,7 +266,8 @@ class EventStore:
                     if 3 <= usable_version(connection) < VERSION and not self._ready.is_set():
                         self._partitioned = False  # stores as before while the upgrade builds its index
                         self._ready.set()
-                    version = migrate(connection, again, wait=False)
+                    # Storing already: leave the upgrade to the process running it, and look again later.
+                    version = migrate(connection, again, wait=not self._ready.is_set())
             except PoolTimeout:
                 self._attempted.set()  # the pool's own attempt has named the cause, if it failed
             except psycopg.Error as error:
@@ -315,8 +327,8 @@ class DeviceNumbers:
             written = {escaped(device_id): device_id for device_id in missing}
             connection.execute("INSERT INTO dt_devices (device_id) SELECT unnest(%s::text[]) "
                                "ON CONFLICT (device_id) DO NOTHING", (list(written),))
-            found = connection.execute("SELECT device_id, device FROM dt_devices WHERE device_id = ANY(%s)",
-                                       (list(written),)).fetchall()
+            found = connection.cursor(row_factory=tuple_row).execute(
+                "SELECT device_id, device FROM dt_devices WHERE device_id = ANY(%s)", (list(written),)).fetchall()
             self._numbers.update((written[device_id], device) for device_id, device in found)
         return self._numbers
 
@@ -356,10 +368,11 @@ def write_untimed(connection: psycopg.Connection, row: tuple, devices: dict[str,
 def insert_keeping_odd_text(connection: psycopg.Connection, query: str, params) -> psycopg.Cursor:
     """Run an insert and return its cursor; if a NUL or a lone surrogate in any row stops it, run it again
     with those written as JSON escapes, so that an authentic event is kept all the same (and rows beside it)."""
+    cursor = connection.cursor(row_factory=tuple_row)
     try:
-        return connection.execute(query, params)
+        return cursor.execute(query, params)
     except (psycopg.DataError, UnicodeEncodeError):
-        return connection.execute(query, escaped(params))
+        return cursor.execute(query, escaped(params))
 
 
 def first_of_each(event_ids: list[str], new: set[str]) -> list[bool]:

@@ -13,7 +13,8 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
-# The readings of one stored body, by the same rules as receiver/readings.py: for filling in behind.
+# The readings of one stored body, by the same rules as receiver/readings.py: for filling in behind (and for
+# rows written by other tools: `INSERT INTO dt_samples SELECT ... FROM dt_events, dt_sample_rows(...)`).
 SAMPLE_ROWS_FUNCTIONS = r"""
 CREATE OR REPLACE FUNCTION dt_reading_time(given text, otherwise timestamptz) RETURNS timestamptz
 LANGUAGE plpgsql STABLE AS $$
