@@ -491,7 +491,7 @@ def test_status_shows_newest_counts_silent_devices_and_backfilled(make_app, data
                  if row["event_id"] == live[-1]["eventId"]]
     newest_silent = datetime.fromisoformat(silent[0]["timestamp"])
     lines = result.stdout.splitlines()
-    assert lines[:-2] == [
+    assert lines[:-3] == [
         f"newest event: {newest:%Y-%m-%d %H:%M:%S} UTC (temperature, device emulive), arrived {arrived:%Y-%m-%d %H:%M:%S} UTC",
         "  temperature: 5 in the last hour, 5 in the last day",
         "  touch: 0 in the last hour, 4 in the last day",
