@@ -21,6 +21,10 @@ EVENT_DAYS_AHEAD = 7
 SAMPLE_MONTHS_AHEAD = 1
 LOCK_TIMEOUT = "500ms"
 DELETE_BATCH_ROWS = 5000
+# A past day (or month) with at least this many rows in DEFAULT (a backfill from before the partitions) gets a
+# partition of its own, a few a round: DEFAULT stays small, since every attach reads all of it under its lock.
+CARVE_AT_LEAST_ROWS = 1000
+CARVE_PER_ROUND = 7
 MIN_WINDOW = timedelta(seconds=1)
 
 # Each partition of a table with its bounds: NULL for MINVALUE and MAXVALUE, and both NULL for the DEFAULT
@@ -129,6 +133,36 @@ def attach_new_partition(connection: psycopg.Connection, table: str, since: date
     except psycopg.errors.LockNotAvailable:
         return False
     return True
+
+
+def carve_default(connection: psycopg.Connection, table: str, today: date) -> list[str]:
+    """Give past days (dt_events) or months (dt_samples) that hold many rows in DEFAULT partitions of their own,
+    their rows moved in, oldest first, a few a round; return the names of those made. A move that does not end
+    within the statement timeout is left for a later round (DEFAULT's rows stay where they are meanwhile)."""
+    column, default = sql.Identifier(TIME_COLUMN[table]), sql.Identifier(f"{table}_default")
+    if not to_regclass(connection, f"{table}_default"):
+        return []
+    first_after = sql.SQL("SELECT min({column}) FROM {default} WHERE {column} >= %s AND {column} < %s").format(
+        column=column, default=default)
+    rows_up_to = sql.SQL("SELECT count(*) FROM (SELECT FROM {default} WHERE {column} >= %s AND {column} < %s "
+                         "LIMIT %s) AS some").format(column=column, default=default)
+    made, after, end = [], datetime(1, 1, 2, tzinfo=UTC), midnight(today if table == EVENTS else today.replace(day=1))
+    while len(made) < CARVE_PER_ROUND and (first := one_value(connection, first_after, (after, end))) is not None:
+        day = first.astimezone(UTC).date()
+        since = midnight(day if table == EVENTS else day.replace(day=1))
+        until = midnight(day + timedelta(days=1) if table == EVENTS else (day.replace(day=1) + timedelta(days=32))
+                         .replace(day=1))
+        after = until
+        if one_value(connection, rows_up_to, (since, until, CARVE_AT_LEAST_ROWS)) < CARVE_AT_LEAST_ROWS or any(
+                overlaps(partition, since, until) for partition in partitions(connection, table)):
+            continue
+        try:
+            if not attach_new_partition(connection, table, since, until):
+                break
+        except psycopg.errors.QueryCanceled:
+            break
+        made.append(partition_name(table, since.date()))
+    return made
 
 
 def to_regclass(connection: psycopg.Connection, name: str) -> bool:

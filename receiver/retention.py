@@ -30,13 +30,18 @@ TABLES = ((partitions.EVENTS, "EVENTS_RETENTION", "events"), (partitions.SAMPLES
 
 def run_round(connection: psycopg.Connection, settings: Mapping[str, str], now: datetime,
               remove: bool = True) -> dict | None:
-    """Make the partitions ahead and (`remove`) remove what each retention has passed; None if another worker holds
-    the lock. Return what was done: partitions made and dropped, rows deleted, bytes given back."""
+    """Make the partitions ahead and (`remove`) those of past days that hold many rows in DEFAULT, and remove what
+    each retention has passed; None if another worker holds the lock. Return what was done: partitions made and
+    dropped, rows deleted, bytes given back."""
     if not partitions.one_value(connection, UPKEEP_LOCK):
         return None
     try:
-        done = {"created": partitions.ensure_partitions(connection, now.astimezone(UTC).date()), "dropped": [],
-                "skipped": [], "freed_bytes": 0}
+        today = now.astimezone(UTC).date()
+        done = {"created": partitions.ensure_partitions(connection, today), "dropped": [], "skipped": [],
+                "freed_bytes": 0}
+        if remove:
+            done["created"] += [name for table in (partitions.EVENTS, partitions.SAMPLES)
+                                for name in partitions.carve_default(connection, table, today)]
         for table, setting, what in TABLES:
             kept_for = retention(settings, setting)
             if not remove or kept_for is None:

@@ -294,3 +294,21 @@ def test_a_round_leaves_the_upgraded_table_until_wholly_past_then_drops_it(datab
     assert dropped["dropped"] == ["dt_events_legacy"]
     assert "dt_events_legacy" not in tables(database_url, "dt_events")
 
+
+
+def test_a_round_gives_a_past_day_with_many_rows_in_default_a_partition_of_its_own(database_url):
+    """Events older than the partitions (a backfill on a fresh deploy) land in DEFAULT; a round moves a past day
+    holding many of them into a partition of its own, so that DEFAULT, which every attach reads, stays small. A day
+    with a few stays in DEFAULT."""
+    busy, quiet = TODAY - 10 * DAY, TODAY - 20 * DAY
+    with connected(database_url) as connection:
+        migrate(connection)
+        for prefix, day, count in (("busy", busy, partitions.CARVE_AT_LEAST_ROWS + 500), ("quiet", quiet, 10)):
+            connection.execute("INSERT INTO dt_events (event_id, event_time, event) SELECT %s || n, %s + n * "
+                               "interval '1 s', '{}' FROM generate_series(1, %s) AS n",
+                               (prefix, partitions.midnight(day), count))
+        done = retention.run_round(connection, {}, datetime.now(UTC))
+    assert f"dt_events_p{busy:%Y%m%d}" in done["created"] and f"dt_events_p{quiet:%Y%m%d}" not in done["created"]
+    assert scalar(database_url, "SELECT count(*) FROM dt_events_default") == 10
+    assert scalar(database_url, "SELECT count(*) FROM dt_events WHERE tableoid = %s::regclass",
+                  (f"dt_events_p{busy:%Y%m%d}",)) == partitions.CARVE_AT_LEAST_ROWS + 500
