@@ -145,7 +145,7 @@ def carve_default(connection: psycopg.Connection, table: str, today: date) -> li
     first_after = sql.SQL("SELECT min({column}) FROM {default} WHERE {column} >= %s AND {column} < %s").format(
         column=column, default=default)
     rows_up_to = sql.SQL("SELECT count(*) FROM (SELECT FROM {default} WHERE {column} >= %s AND {column} < %s "
-                         "LIMIT %s) AS some").format(column=column, default=default)
+                         "LIMIT %s) AS found").format(column=column, default=default)
     made, after, end = [], datetime(1, 1, 2, tzinfo=UTC), midnight(today if table == EVENTS else today.replace(day=1))
     while len(made) < CARVE_PER_ROUND and (first := one_value(connection, first_after, (after, end))) is not None:
         day = first.astimezone(UTC).date()
