@@ -20,7 +20,7 @@ from .durations import describe_age, parse_duration
 from .errors import ConfigError
 from .events import parse_event, parse_timestamp
 from .sample import SAMPLE_DATA, encode_body, sample_event, sign_body
-from .settings import database_problem, stale_after, stale_problem
+from .settings import database_problem, retention, retention_problem, stale_after, stale_problem
 from .signatures import SIGNATURE_HEADER
 
 
@@ -127,27 +127,45 @@ def backfill(since: datetime, until: datetime | None, devices: tuple[str, ...], 
 
 
 @click.command("prune")
-@click.option("--older-than", "older_than", type=Moment(), required=True,
-              help="Delete events from before this time: a duration back from now (90d) or RFC 3339.")
-@click.option("--dry-run", is_flag=True, help="Only say how many rows and bytes it would free.")
+@click.option("--older-than", "older_than", type=Moment(),
+              help="Remove raw events from before this time: a duration back from now (90d) or RFC 3339.")
+@click.option("--readings-older-than", "readings_older_than", type=Moment(),
+              help="Remove readings from before this time: a duration back from now (2y) or RFC 3339.")
+@click.option("--dry-run", is_flag=True, help="Only say how many rows and bytes it would remove.")
 @with_appcontext
-def prune(older_than: datetime, dry_run: bool) -> None:
-    """Delete old events in short batches, so deliveries never wait on a long transaction."""
-    cutoff = f"{utc_text(older_than, '%Y-%m-%d %H:%M:%S')} UTC"
+def prune(older_than: datetime | None, readings_older_than: datetime | None, dry_run: bool) -> None:
+    """Remove old events or readings: whole partitions dropped (their space given back), the rest in short batches."""
+    targets = [(table, before, what) for table, before, what in (("dt_events", older_than, "events"),
+                                                                  ("dt_samples", readings_older_than, "readings"))
+               if before is not None]
+    if not targets:
+        raise click.UsageError("give --older-than (raw events), --readings-older-than (readings), or both")
     with database() as connection:
-        estimate = queries.prune_estimate(connection, older_than)
-        if dry_run:
-            rows = f"{estimate['rows']}" if estimate["exact"] else f"about {estimate['rows']} (the planner's estimate)"
-            click.echo(f"prune: would delete {rows} events from before {cutoff}, "
-                       f"about {megabytes(estimate['bytes'])} of the table")
-            return
-        deleted = 0
-        # Against the estimate: the bar may end short of full, or full early; the count below is exact.
-        with click.progressbar(length=max(estimate["rows"], 1), label="prune", file=sys.stderr) as bar:
-            for batch in queries.prune(connection, older_than):
-                deleted += batch
-                bar.update(batch)
-    click.echo(f"prune: deleted {deleted} events from before {cutoff}; PostgreSQL reuses the space for new events")
+        for table, before, what in targets:
+            cutoff = f"{utc_text(before, '%Y-%m-%d %H:%M:%S')} UTC"
+            if dry_run:
+                click.echo(estimate_line(queries.prune_estimate(connection, table, before), what, cutoff))
+                continue
+            click.echo(done_line(queries.prune(connection, table, before), what, cutoff))
+
+
+def estimate_line(estimate: dict, what: str, cutoff: str) -> str:
+    """Return what a prune would remove, for people."""
+    rows = f"{estimate['rows']}" if estimate["exact"] else f"about {estimate['rows']} (the planner's estimate)"
+    return (f"prune: would delete {rows} {what} from before {cutoff}, {megabytes(estimate['freed_bytes'])} given "
+            f"back ({estimate['partitions']} whole partitions), about {megabytes(estimate['reused_bytes'])} left "
+            "for new rows")
+
+
+def done_line(done: dict, what: str, cutoff: str) -> str:
+    """Return what a prune removed, for people: the rows of whole partitions dropped are the planner's count."""
+    removed = done["dropped_rows"] + done["deleted"]
+    line = (f"prune: removed {'about ' if done['dropped'] else ''}{removed} {what} from before {cutoff}: "
+            f"{len(done['dropped'])} whole partitions dropped, {megabytes(done['freed_bytes'])} given back; "
+            f"{done['deleted']} deleted in batches, their space reused by new rows")
+    if done["skipped"]:  # a lock not had within the moment it waits: a long query was reading them
+        line += f"; busy, left for the next run: {', '.join(done['skipped'])}"
+    return line
 
 
 @click.command("status")
@@ -155,15 +173,15 @@ def prune(older_than: datetime, dry_run: bool) -> None:
 @click.option("--project", help="The Data Connector's project id (with --connector).")
 @with_appcontext
 def status(connector: str | None, project: str | None) -> None:
-    """Say whether events keep arriving: the newest, recent counts, silent devices, backfilled rows, size."""
+    """Say whether events keep arriving (newest, recent counts, silent devices, backfilled), retention, sizes."""
     if connector and not project:
         raise click.UsageError("--connector needs --project: the id of the project the Data Connector is in")
     plan_bytes = plan_size()
-    if problem := stale_problem(current_app.config):
+    if problem := stale_problem(current_app.config) or retention_problem(current_app.config):
         raise click.ClickException(problem)
     with database() as connection:
         report = queries.status(connection)
-    for line in status_lines(report, plan_bytes, stale_after(current_app.config)):
+    for line in status_lines(report, plan_bytes, stale_after(current_app.config), current_app.config):
         click.echo(line)
     if connector:
         with dt_account() as (rest_api, account):
@@ -309,7 +327,7 @@ def counted(events: Iterator[dict], tally: dict) -> Iterator[dict]:
         yield event
 
 
-def status_lines(report: dict, plan_bytes: int | None, silence_limit: timedelta | None) -> list[str]:
+def status_lines(report: dict, plan_bytes: int | None, silence_limit: timedelta | None, config) -> list[str]:
     """Return the status report as lines for people."""
     newest = report["newest"]
     lines = [f"newest event: {utc_text(newest['event_time'])} UTC ({newest['event_type']}, device "
@@ -326,11 +344,69 @@ def status_lines(report: dict, plan_bytes: int | None, silence_limit: timedelta 
     lines.append(f"backfilled: {sources['history']} of the {sources['all_events']} events of the last 7 days "
                  "came from DT's history")
     lines.append(arrival_line(report["last_arrival"], silence_limit))
+    lines.append(retention_line(config))
     sizes = report["sizes"]
     full = f", {sizes['database_bytes'] / plan_bytes:.0%} of the plan's {plan_bytes // 2**20} MB" if plan_bytes else ""
-    lines.append(f"size: events table {megabytes(sizes['table_bytes'])}, "
+    lines.append(f"size: events {megabytes(sizes['events_bytes'])}, readings {megabytes(sizes['readings_bytes'])}, "
                  f"database {megabytes(sizes['database_bytes'])}{full}")
+    if plan_bytes:
+        lines.append(plan_line(report, plan_bytes, config))
+    if report["fill"] is not None:
+        lines.append(fill_line(report["fill"]))
     return lines
+
+
+def fill_line(fill: dict) -> str:
+    """Return how far the readings of the events stored before the upgrade to partitions have been filled in."""
+    if fill["done"]:
+        return f"readings of the events stored before the upgrade: all filled in ({fill['events']} events)"
+    return (f"readings of the events stored before the upgrade: filling in, newest first: {fill['events']} events "
+            f"so far, every one from {utc_text(fill['reached'])} UTC on")
+
+
+RETENTIONS = (("events", "EVENTS_RETENTION"), ("readings", "READINGS_RETENTION"))
+
+
+def retention_line(config) -> str:
+    """Return how long events and readings are kept, as set."""
+    kept = [f"{what} kept {config[name].strip()} ({name})" if config.get(name)
+            else f"{what} kept for ever ({name} unset)" for what, name in RETENTIONS]
+    return "retention: " + ", ".join(kept)
+
+
+def plan_line(report: dict, plan_bytes: int, config) -> str:
+    """Return in how many days the database fills its plan at the last week's rate, each retention levelling off
+    what it keeps once its oldest rows are as old as it."""
+    growth, free = report["growth"], plan_bytes - report["sizes"]["database_bytes"]
+    rates = ", ".join(f"{what} +{megabytes(growth[what]['bytes_per_day'])} a day" for what, _ in RETENTIONS)
+    if free <= 0:
+        return (f"plan: full, {megabytes(-free)} over: Heroku revokes INSERT and every delivery is refused; "
+                "run prune, or set a shorter EVENTS_RETENTION")
+    streams = []
+    for what, name in RETENTIONS:
+        kept_for, age = retention(config, name), growth[what]["age"] or timedelta(0)
+        streams.append((growth[what]["bytes_per_day"], None if kept_for is None else max(kept_for - age, timedelta(0))
+                        / timedelta(days=1)))
+    days = days_until_full(free, streams)
+    if days is None:
+        return f"plan: does not fill at the last week's rate ({rates}, until each retention levels it off)"
+    return f"plan: full in about {days:.0f} days at the last week's rate ({rates})"
+
+
+def days_until_full(free_bytes: float, streams: list[tuple[float, float | None]]) -> float | None:
+    """Return in how many days streams of bytes fill free_bytes, or None if they never do. Each stream grows by its
+    bytes a day for its days (None: for ever), then levels off (its retention removes as much as arrives)."""
+    elapsed = 0.0
+    while True:
+        growing = [(rate, days) for rate, days in streams if rate > 0 and (days is None or days > elapsed)]
+        if not growing:
+            return None
+        rate = sum(rate for rate, _ in growing)
+        next_stop = min((days for _, days in growing if days is not None), default=None)
+        if next_stop is None or free_bytes <= rate * (next_stop - elapsed):
+            return elapsed + free_bytes / rate
+        free_bytes -= rate * (next_stop - elapsed)
+        elapsed = next_stop
 
 
 def arrival_line(last_arrival: dict | None, silence_limit: timedelta | None) -> str:

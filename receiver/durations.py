@@ -1,10 +1,11 @@
-"""Durations as people write them (90s, 30m, 36h, 3d, 2w): read for settings and commands, written back for people."""
+"""Durations as people write them (90s, 30m, 36h, 3d, 2w, 2y): read for settings and commands, written for people."""
 
 import re
 from datetime import timedelta
 
-DURATION = re.compile(r"(\d+)\s*([smhdw])")
-UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+DURATION = re.compile(r"(\d+)\s*([smhdwy])")
+UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks", "y": "days"}
+DAYS_PER_UNIT = {"y": 365}  # a year as 365 days: 2y keeps two years of days, leap days aside
 EXAMPLES = "90s, 30m, 2h, 3d or 2w"
 
 
@@ -14,7 +15,7 @@ def parse_duration(text: str) -> timedelta | None:
     if match is None:
         return None
     try:
-        return timedelta(**{UNITS[match[2]]: int(match[1])})
+        return timedelta(**{UNITS[match[2]]: int(match[1]) * DAYS_PER_UNIT.get(match[2], 1)})
     except OverflowError:  # more days than a timedelta holds
         return None
 

@@ -3,22 +3,33 @@
 import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row, tuple_row
 
+from . import partitions
 from .events import parse_event
 from .logs import database_fault
+from .readings import samples_of
 from .schema import migrate
-from .store import LAST_ARRIVAL, connection_options, insert_keeping_odd_text
+from .store import (
+    LAST_ARRIVAL,
+    WRITE_HISTORY,
+    DeviceNumbers,
+    connection_options,
+    event_columns,
+    insert_keeping_odd_text,
+    sample_columns,
+)
+from .upgrade import fill_progress
 
 HISTORY_BATCH = 1000
-PRUNE_BATCH = 5000
 # A person waits on a command, not DT: a statement may take this long (the deliveries' 5 s would end `status`
 # and `prune` on a table of millions), and a lock that never frees still ends it.
 COMMANDS_STATEMENT_TIMEOUT = "30min"
-# Up to this many old rows `prune` counts exactly (milliseconds, through dt_events_time); beyond, the planner estimates.
+# Up to this many old rows `prune` counts exactly (milliseconds, through the time indexes); beyond, the planner guesses.
 EXACT_COUNT_UP_TO = 10_000
 STREAM_BATCH = 2000  # rows a server-side cursor hands over per round trip
 
@@ -32,32 +43,10 @@ ORDER BY event_time DESC
 LIMIT %(limit)s
 """
 
-# One round trip per batch; ON CONFLICT keeps rows already there (pushed rows carry labels and metadata).
-INSERT_HISTORY = """
-INSERT INTO dt_events (event_id, device_id, event_type, event_time, source, event)
-SELECT event_id, device_id, event_type, COALESCE(event_time, now()), 'history', event
-FROM unnest(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::text[])
-     AS batch (event_id, device_id, event_type, event_time, event)
-ON CONFLICT (event_id) DO NOTHING
-"""
-
-# Each batch starts where the last one stopped, so it never walks the index entries of the rows already
-# deleted (dead until vacuumed); >= keeps rows that share the last batch's final time.
-PRUNE_ONE_BATCH = """
-WITH gone AS (
-    DELETE FROM dt_events WHERE event_id IN (
-        SELECT event_id FROM dt_events WHERE event_time >= %(after)s AND event_time < %(before)s
-        ORDER BY event_time LIMIT %(batch)s
-    ) RETURNING event_time
-)
-SELECT count(*) AS deleted, max(event_time) AS reached FROM gone
-"""
-
-OLD_ROWS = "SELECT FROM dt_events WHERE event_time < %s"
-OLD_ROWS_UP_TO = "SELECT count(*) FROM (" + OLD_ROWS + " LIMIT %s) AS old"  # noqa: S608 (constant text only)
-ALL_ROWS = "SELECT FROM dt_events"
-# -1 until the table is first analyzed (PostgreSQL 14 on): the planner then guesses a third of any range.
-NEVER_ANALYZED = "SELECT reltuples < 0 FROM pg_class WHERE oid = 'dt_events'::regclass"
+OLD_ROWS_UP_TO = "SELECT count(*) FROM (SELECT FROM {} WHERE {} < %s LIMIT %s) AS old"
+# The receiver's upkeep takes the same lock: a command waits for its round to end rather than drop what it drops.
+UPKEEP_LOCK = "SELECT pg_advisory_lock(hashtextextended('dt-receiver upkeep', 0))"
+UPKEEP_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended('dt-receiver upkeep', 0))"
 
 
 # A window of stored events (export, replay): by the events' own time, which dt_events_time serves (and
@@ -70,11 +59,12 @@ WHERE event_time >= %(since)s AND event_time < %(until)s
 
 WINDOW_EVENTS = "SELECT count(*) FROM dt_events" + WINDOW  # noqa: S608 (constant text only)
 
-# Readings as CSV wants them: times in UTC as RFC 3339, values as the shortest text that reads back exactly.
+# Readings as CSV wants them: times in UTC as RFC 3339, values as the shortest text that reads back exactly. The
+# window is of the readings' own time, which dt_samples' partitions and indexes serve.
 WINDOW_READINGS = """
 SELECT to_char(time AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), device_id, event_type, name,
        value::text, state, unit, event_id
-FROM dt_readings""" + WINDOW + "ORDER BY event_time, event_id, time, name"
+FROM dt_readings""" + WINDOW.replace("event_time", "time") + "ORDER BY time, event_id, name"
 
 WINDOW_BODIES = "SELECT event_id, event FROM dt_events" + WINDOW + "ORDER BY event_time, event_id"  # noqa: S608
 
@@ -124,16 +114,19 @@ def window(connection: psycopg.Connection, query: str, params: dict) -> Iterator
 def add_history(connection: psycopg.Connection, events: Iterable[dict]) -> int:
     """Store events from DT's history (an `event` object each) unless stored already; return how many are new."""
     added = 0
+    devices = DeviceNumbers()
     for batch in batches(events, HISTORY_BATCH):
         # The same columns a pushed event gets; the body is what DT's history holds: the event alone.
         # A lone surrogate (DT's JSON may escape one) is written back as that escape, as a pushed body keeps it.
         parsed = [parse_event(json.dumps({"event": event}, separators=(",", ":"), ensure_ascii=False)
                               .encode("utf-8", "backslashreplace")) for event in batch]
-        parsed.sort(key=lambda event: event.event_id)  # the order live batches insert in: no deadlock between them
-        columns = [[event.event_id for event in parsed], [event.device_id for event in parsed],
-                   [event.event_type for event in parsed], [event.time for event in parsed],
-                   [event.text for event in parsed]]
-        added += insert_keeping_odd_text(connection, INSERT_HISTORY, columns).rowcount
+        # By event id, the order live batches insert in (no deadlock between them); of one id, the first.
+        unique = sorted({event.event_id: event for event in reversed(parsed)}.values(), key=lambda e: e.event_id)
+        rows = [(event.event_id, event.device_id, event.event_type, event.time, event.text, samples_of(event))
+                for event in unique]
+        numbers = devices.numbers(connection, {row[1] for row in rows if row[5] and row[1] is not None})
+        params = event_columns(rows) + sample_columns(rows, numbers)
+        added += insert_keeping_odd_text(connection, WRITE_HISTORY, params).fetchone()[0]
     return added
 
 
@@ -149,39 +142,42 @@ def batches(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def prune_estimate(connection: psycopg.Connection, before: datetime) -> dict:
-    """Return about how many rows are older than a time (exactly, if few), and about how many bytes they take.
+def prune_estimate(connection: psycopg.Connection, table: str, before: datetime) -> dict:
+    """Return about how many rows of dt_events or dt_samples are older than a time (exactly, if few), the bytes of the
+    partitions wholly older (given back to the disk), and about how many bytes the other old rows take.
 
-    Nothing reads every row: a few old rows are counted, more are the planner's estimate, and their bytes are
-    their estimated share of the table's (heap, TOAST and indexes).
+    Nothing reads every row: a few old rows are counted, more are the planner's estimate, partition by partition,
+    and the bytes of a partition's old rows are their estimated share of its own.
     """
-    if one_value(connection, NEVER_ANALYZED):
-        connection.execute("ANALYZE dt_events")  # reads a sample of at most 30,000 rows
-    counted = one_value(connection, OLD_ROWS_UP_TO, (before, EXACT_COUNT_UP_TO + 1))
+    column = sql.Identifier(partitions.TIME_COLUMN[table])
+    counted = one_value(connection, sql.SQL(OLD_ROWS_UP_TO).format(sql.Identifier(table), column),
+                        (before, EXACT_COUNT_UP_TO + 1))
+    plan = partitions.plan_removal(connection, table, before)
+    dropped = sum(partitions.planned_rows(connection, table, partition) for partition in plan.drop)
+    trimmed, reused_bytes = 0, 0
+    for partition in plan.trim:
+        old = partitions.planned_rows(connection, table, partition, before)
+        trimmed += old
+        whole = max(partitions.planned_rows(connection, table, partition), old, 1)
+        reused_bytes += round(partition.bytes * old / whole)
     exact = counted <= EXACT_COUNT_UP_TO
-    rows = counted if exact else planned_rows(connection, OLD_ROWS, (before,))
-    table_rows = max(planned_rows(connection, ALL_ROWS), rows, 1)
-    table_bytes = one_value(connection, "SELECT pg_total_relation_size('dt_events')")
-    return {"rows": rows, "exact": exact, "bytes": round(table_bytes * rows / table_rows)}
+    return {"rows": counted if exact else dropped + trimmed, "exact": exact, "partitions": len(plan.drop),
+            "freed_bytes": sum(partition.bytes for partition in plan.drop), "reused_bytes": reused_bytes}
 
 
-def one_value(connection: psycopg.Connection, query: str, params: tuple = ()):
+def one_value(connection: psycopg.Connection, query, params: tuple = ()):
     """Return the one value a query finds."""
     return connection.cursor(row_factory=tuple_row).execute(query, params).fetchone()[0]
 
 
-def planned_rows(connection: psycopg.Connection, query: str, params: tuple = ()) -> int:
-    """Return how many rows the planner expects a query to return (it reads no rows to say so)."""
-    [explained] = one_value(connection, "EXPLAIN (FORMAT JSON) " + query, params)
-    return round(explained["Plan"]["Plan Rows"])
-
-
-def prune(connection: psycopg.Connection, before: datetime) -> Iterator[int]:
-    """Delete events older than a time in short transactions, oldest first; yield how many each one deleted."""
-    params = {"after": "-infinity", "before": before, "batch": PRUNE_BATCH}
-    while (batch := connection.execute(PRUNE_ONE_BATCH, params).fetchone())["deleted"]:
-        params["after"] = batch["reached"]
-        yield batch["deleted"]
+def prune(connection: psycopg.Connection, table: str, before: datetime) -> dict:
+    """Remove the rows of dt_events or dt_samples older than a time (see partitions.remove_before), once the
+    receiver's upkeep, if it is running a round, has ended; return what was done."""
+    connection.execute(UPKEEP_LOCK)
+    try:
+        return partitions.remove_before(connection, table, before)
+    finally:
+        connection.execute(UPKEEP_UNLOCK)
 
 
 NEWEST = "SELECT event_time, received_at, device_id, event_type FROM dt_events ORDER BY event_time DESC LIMIT 1"
@@ -219,9 +215,48 @@ SELECT count(*) FILTER (WHERE source = 'history') AS history, count(*) AS all_ev
 FROM dt_events WHERE event_time >= now() - interval '7 days'
 """
 
+# A partitioned table's own size is 0: its partitions' are summed. Readings: the samples and the devices' numbers.
 SIZES = """
-SELECT pg_total_relation_size('dt_events') AS table_bytes, pg_database_size(current_database()) AS database_bytes
+SELECT (SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('dt_events'))::bigint AS events_bytes,
+       (SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('dt_samples'))::bigint
+       + pg_total_relation_size('dt_devices') AS readings_bytes,
+       pg_database_size(current_database()) AS database_bytes
 """
+OLDEST_EVENT = "SELECT now() - min(event_time) FROM dt_events"
+WEEK_ROWS = "SELECT FROM {table} WHERE {column} >= now() - interval '7 days' AND {column} < now()"
+ALL_ROWS = "SELECT FROM {table}"
+
+
+def growth(connection: psycopg.Connection, sizes: dict) -> dict:
+    """Return, for events and readings, how many bytes a day they grew by over the last week (over their age, if
+    younger), and the age of their oldest rows: the planner's rows of the week over its rows of all, of the bytes."""
+    event_age = one_value(connection, OLDEST_EVENT) or timedelta(0)
+    days = min(max(event_age / timedelta(days=1), 1 / 24), 7)  # readings are made with their events: the same age
+    rates = {}
+    for what, table in (("events", partitions.EVENTS), ("readings", partitions.SAMPLES)):
+        names = {"table": sql.Identifier(table), "column": sql.Identifier(partitions.TIME_COLUMN[table])}
+        week = planned(connection, sql.SQL(WEEK_ROWS).format(**names))
+        share = min(week / max(planned(connection, sql.SQL(ALL_ROWS).format(**names)), 1), 1)
+        rates[what] = {"bytes_per_day": (sizes[f"{what}_bytes"] or 0) * share / days}
+    rates["events"]["age"] = event_age
+    rates["readings"]["age"] = oldest_readings(connection)
+    return rates
+
+
+def oldest_readings(connection: psycopg.Connection) -> timedelta | None:
+    """Return how long ago the oldest month of readings that holds any began (precise enough to say when
+    READINGS_RETENTION levels them off), or None if there are none."""
+    for partition in partitions.partitions(connection, partitions.SAMPLES):
+        if partition.since is not None and one_value(
+                connection, sql.SQL("SELECT EXISTS (SELECT FROM {})").format(sql.Identifier(partition.name))):
+            return one_value(connection, "SELECT now() - %s", (partition.since,))
+    return None
+
+
+def planned(connection: psycopg.Connection, query) -> int:
+    """Return how many rows the planner expects a query to return (it reads no rows to say so)."""
+    [explained] = one_value(connection, sql.SQL("EXPLAIN (FORMAT JSON) ") + query)
+    return round(explained["Plan"]["Plan Rows"])
 
 
 def status(connection: psycopg.Connection) -> dict:
@@ -232,5 +267,7 @@ def status(connection: psycopg.Connection) -> dict:
         "by_type": connection.execute(RECENT_BY_TYPE).fetchall(),
         "silent": connection.execute(SILENT_DEVICES).fetchall(),
         "sources": connection.execute(SOURCES).fetchone(),
-        "sizes": connection.execute(SIZES).fetchone(),
+        "sizes": (sizes := connection.execute(SIZES).fetchone()),
+        "growth": growth(connection, sizes),
+        "fill": fill_progress(connection),
     }

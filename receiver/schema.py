@@ -1,11 +1,16 @@
 """Create and migrate the events table and its readings view: once per process, outside any delivery, in steps."""
 
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import NamedTuple
 
 import psycopg
 from psycopg.rows import tuple_row
 
 from .errors import ConfigError
+from .partitions import ensure_partitions
+from .readings import KINDS
+from .upgrade import SAMPLE_ROWS_FUNCTIONS, is_partitioned, prepare_switch, switch
 
 # The table as a new database gets it. Columns are in this order so that a typical event fills no
 # alignment padding: twelve rows of a 560-byte event fit a page instead of eleven. Like every step, it can run
@@ -147,21 +152,101 @@ SELECT (SELECT received_at FROM dt_events WHERE source = 'connector' AND event_t
 ON CONFLICT (one) DO UPDATE SET received_at = greatest(dt_last_arrival.received_at, excluded.received_at);
 """
 
+# Version 5 (issue 25): the raw events in daily partitions of event_time, so that retention drops whole days and
+# the database shrinks by what they held; unique on (event_id, event_time), since a partitioned table's keys must
+# hold its partition key (a redelivery, a race, a backfill or a Synchronize carries the same timestamp, so the same
+# partition). Partitions are named dt_events_pYYYYMMDD (UTC days); a row no partition holds goes to the DEFAULT one.
+PARTITIONED_EVENTS = """
+DO $$ BEGIN
+    IF to_regtype('dt_events_source') IS NULL THEN
+        CREATE TYPE dt_events_source AS ENUM ('connector', 'history');
+    END IF;
+END $$;
+CREATE TABLE IF NOT EXISTS dt_events (
+    event_id    text NOT NULL,
+    device_id   text,
+    event_type  text,
+    source      dt_events_source NOT NULL DEFAULT 'connector',
+    event_time  timestamptz NOT NULL,
+    received_at timestamptz NOT NULL DEFAULT now(),
+    event       text NOT NULL,
+    CONSTRAINT dt_events_pkey PRIMARY KEY (event_id, event_time)
+) PARTITION BY RANGE (event_time);
+CREATE INDEX IF NOT EXISTS dt_events_device_time ON dt_events (device_id, event_time);
+CREATE INDEX IF NOT EXISTS dt_events_time ON dt_events (event_time);
+CREATE TABLE IF NOT EXISTS dt_events_default PARTITION OF dt_events DEFAULT;
+"""
+
+# The readings, typed at ingest (receiver/readings.py) in the same statement as their event: one narrow row per
+# sample, a small number per device and per type, monthly partitions of the sample's time (dt_samples_pYYYYMM).
+# A sample's second number (humidity's relativeHumidity, networkStatus's rssi) is in value2.
+SAMPLES = """
+CREATE TABLE IF NOT EXISTS dt_devices (
+    device    integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    device_id text NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS dt_reading_kinds (
+    kind smallint PRIMARY KEY, event_type text NOT NULL UNIQUE, shape text NOT NULL,
+    field text, name text NOT NULL, unit text, field2 text, name2 text, unit2 text
+);
+INSERT INTO dt_reading_kinds VALUES """ + ",\n    ".join(
+    "(" + ", ".join("NULL" if part is None else str(part) if isinstance(part, int) else f"'{part}'" for part in kind)
+    + ")" for kind in KINDS) + """
+ON CONFLICT (kind) DO NOTHING;
+-- Columns in this order so a row pads nothing.
+CREATE TABLE IF NOT EXISTS dt_samples (
+    time     timestamptz NOT NULL,
+    value    double precision,
+    value2   double precision,
+    device   integer NOT NULL,
+    kind     smallint NOT NULL,
+    state    text,
+    event_id text NOT NULL
+) PARTITION BY RANGE (time);
+CREATE INDEX IF NOT EXISTS dt_samples_device_time ON dt_samples (device, time);
+CREATE INDEX IF NOT EXISTS dt_samples_time ON dt_samples USING brin (time);
+CREATE TABLE IF NOT EXISTS dt_samples_default PARTITION OF dt_samples DEFAULT;
+
+-- dt_readings keeps its columns; a filter on time, device_id or name reaches dt_samples' indexes and reads no
+-- body. The second number is a branch of its own, so that a filter on name drops a branch.
+DROP VIEW IF EXISTS dt_readings;
+CREATE VIEW dt_readings AS
+SELECT s.event_id, d.device_id, k.event_type, s.time, k.name, s.value, s.state, k.unit
+FROM dt_samples AS s
+JOIN dt_devices AS d ON d.device = s.device
+JOIN dt_reading_kinds AS k ON k.kind = s.kind
+WHERE s.value IS NOT NULL OR s.state IS NOT NULL
+UNION ALL
+SELECT s.event_id, d.device_id, k.event_type, s.time, k.name2, s.value2, NULL, k.unit2
+FROM dt_samples AS s
+JOIN dt_devices AS d ON d.device = s.device
+JOIN dt_reading_kinds AS k ON k.kind = s.kind
+WHERE s.value2 IS NOT NULL;
+COMMENT ON VIEW dt_readings IS
+    'One row per measured quantity per sample of the stored DT events; filter on time to use an index';
+DROP FUNCTION IF EXISTS dt_event_samples(text, text, timestamptz);
+DROP FUNCTION IF EXISTS dt_reading_fields();
+"""
+
 # A new database gets the latest schema at once; an upgrade that replaces the view must change this too.
-LATEST = EVENTS_TABLE + READINGS_VIEW + LAST_ARRIVAL_TABLE
+LATEST = PARTITIONED_EVENTS + SAMPLES + SAMPLE_ROWS_FUNCTIONS + LAST_ARRIVAL_TABLE
 
 
 class Step(NamedTuple):
-    """One upgrade, from the version before it to the next, and whether releases before it may still write after it."""
+    """One upgrade, from the version before it to the next, and whether releases before it may still write after it.
 
-    sql: str
+    `sql` may be a function of the connection; `before`, if any, runs first, outside any transaction (an index
+    built CONCURRENTLY), and must itself be harmless to run again."""
+
+    sql: str | Callable[[psycopg.Connection], None]
     only_adds: bool  # True for a view, an index or a column with a default: an older release's inserts still work
+    before: Callable[[psycopg.Connection], None] | None = None
 
 
 # An existing database runs the steps after its version in one transaction that records it. Add a version by
 # appending a step (and changing LATEST to match). Every step must be harmless to run again (IF NOT EXISTS,
 # CREATE OR REPLACE, a DO block that checks first): an older release may write its lower version over a newer
-# one, and a table restored without dt_schema is only known by its columns. A step that alters a column
+# one, and a table restored without dt_schema is only known by its shape. A step that alters a column
 # dt_readings reads must drop the view first and create it again.
 UPGRADES = (
     # 1 -> 2: from the table as first released: the body as received, in text (smaller than jsonb, and it
@@ -187,11 +272,15 @@ UPGRADES = (
         END IF;
     END $$;
     """, only_adds=False),
-    # 2 -> 3: the readings view (above).
-    Step(READINGS_VIEW, only_adds=True),
+    # 2 -> 3: the readings view (above); version 5 has its own.
+    Step(lambda connection: None if is_partitioned(connection) else connection.execute(READINGS_VIEW), only_adds=True),
     # 3 -> 4: the last arrival's row (above).
     Step(LAST_ARRIVAL_TABLE, only_adds=True),
+    # 4 -> 5: the partitioned events and the typed readings (receiver/upgrade.py), deliveries flowing throughout.
+    # Release 4's inserts name ON CONFLICT (event_id), which no unique index of the partitioned table matches.
+    Step(lambda connection: switch_to_partitions(connection), only_adds=False, before=prepare_switch),
 )
+
 VERSION = len(UPGRADES) + 1
 
 
@@ -238,8 +327,11 @@ def recorded(connection: psycopg.Connection) -> tuple[int, int]:
 
 
 def shape_version(connection: psycopg.Connection) -> int:
-    """Return the version an existing table's columns tell: the first release's has no `source`. The steps after
-    2 leave the columns as they are, and run again without harm (a table restored by pg_dump -t dt_events)."""
+    """Return the version an existing table's shape tells: a partitioned one is version 5's; an unpartitioned one
+    without `source` is the first release's. The steps from 2 to 4 leave the columns as they are, and run again
+    without harm (a table restored by pg_dump -t dt_events)."""
+    if is_partitioned(connection):
+        return 5
     has_source = scalar(connection, "SELECT EXISTS (SELECT FROM information_schema.columns WHERE table_schema = "
                                     "current_schema() AND table_name = 'dt_events' AND column_name = 'source')")
     return 2 if has_source else 1
@@ -253,14 +345,17 @@ def usable_version(connection: psycopg.Connection) -> int:
     return version
 
 
-def migrate(connection: psycopg.Connection, again: bool = False) -> int:
+def migrate(connection: psycopg.Connection, again: bool = False, wait: bool = True) -> int:
     """Bring the table up to this release's version, waiting briefly for locks; return the version it is at.
 
     A newer schema is left as it is: worked with if it lets this release write, else NewerSchemaError.
-    `again`: run the steps after the version the columns tell, whatever dt_schema says, since a part the
-    schema made (the view, dt_last_arrival) was found missing."""
+    `again`: run the steps after the version the shape tells, whatever dt_schema says, since a part the
+    schema made (the view, dt_last_arrival) was found missing. `wait`: if another process is running the steps'
+    long parts (outside a transaction), wait for it; if not, return the version as it is, lower than this one's."""
     if (version := usable_version(connection)) > VERSION or (version == VERSION and not again):
         return version  # the usual case: no lock taken
+    if 0 < version < VERSION and not run_before_steps(connection, UPGRADES[version - 1:], wait):
+        return version
     with connection.transaction():
         connection.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
         connection.execute("SET LOCAL statement_timeout = 0")  # a rewrite of a large table may take a while
@@ -268,12 +363,42 @@ def migrate(connection: psycopg.Connection, again: bool = False) -> int:
         connection.execute("SELECT pg_advisory_xact_lock(hashtext('dt_events schema'))")
         if (version := usable_version(connection)) > VERSION or (version == VERSION and not again):
             return version
-        if again and version > 0:
-            version = shape_version(connection)
-        for step in [LATEST] if version == 0 else [step.sql for step in UPGRADES[version - 1:]]:
-            connection.execute(step)
+        if version > 0 and (again or is_partitioned(connection)):
+            version = shape_version(connection)  # a partitioned table lowered by an older release: LATEST again
+        for step in [LATEST] if version in (0, VERSION) else [step.sql for step in UPGRADES[version - 1:]]:
+            step(connection) if callable(step) else connection.execute(step)
+        ensure_partitions(connection, datetime.now(UTC).date())
         record_version(connection)
     return VERSION
+
+
+def run_before_steps(connection: psycopg.Connection, steps: tuple[Step, ...], wait: bool) -> bool:
+    """Run the steps' parts that go outside any transaction, one process at a time; return False if another
+    process is running them and `wait` is False."""
+    if not any(step.before for step in steps):
+        return True
+    lock = "pg_advisory_lock" if wait else "pg_try_advisory_lock"
+    if scalar(connection, f"SELECT {lock}(hashtext('dt_events upgrade'))::text") == "false":
+        return False
+    autocommit = connection.autocommit
+    try:
+        connection.commit()
+        connection.autocommit = True
+        for step in steps:
+            if step.before:
+                step.before(connection)
+    finally:
+        connection.execute("SELECT pg_advisory_unlock(hashtext('dt_events upgrade'))")
+        connection.autocommit = autocommit
+    return True
+
+
+def switch_to_partitions(connection: psycopg.Connection) -> None:
+    """The 4 -> 5 step's transaction: the old table attached to a partitioned dt_events, the readings' tables."""
+    switch(connection, PARTITIONED_EVENTS)
+    connection.execute(SAMPLES)
+    connection.execute(SAMPLE_ROWS_FUNCTIONS)
+    connection.execute(LAST_ARRIVAL_TABLE)
 
 
 def record_version(connection: psycopg.Connection) -> None:

@@ -73,14 +73,21 @@ def library_problem_of_a_child():
 
 
 def post_worker_init(worker):
-    """Open the worker's database pool and check the schema, in the background, as the worker starts."""
+    """Open the worker's database pool and check the schema, in the background, as the worker starts; start its
+    upkeep (partitions ahead, retention)."""
     if (store := worker_store(worker)) is not None:
         store.start()
+        from . import retention  # in the worker only: it imports psycopg (see library_problem_of_a_child)
+
+        retention.start(store, worker.wsgi.config)
 
 
 def worker_exit(server, worker):
     """Close the worker's database pool while gevent still runs, so its threads end without a traceback."""
     if (store := worker_store(worker)) is not None:
+        from . import retention
+
+        retention.stop()
         store.close()
 
 

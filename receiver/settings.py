@@ -10,12 +10,16 @@ from .durations import EXAMPLES, parse_duration
 NAMES = (
     "DT_SIGNATURE_SECRET", "DT_SIGNATURE_SECRET_PREVIOUS", "DT_ORGANIZATION_ID", "DT_ISSUER",
     "DATABASE_URL", "DATABASE_MAX_CONNECTIONS", "DATABASE_PLAN_MB", "WEB_CONCURRENCY", "HEALTH_STALE_AFTER",
+    "EVENTS_RETENTION", "READINGS_RETENTION",
     "DT_SERVICE_ACCOUNT_KEY_ID", "DT_SERVICE_ACCOUNT_SECRET", "DT_SERVICE_ACCOUNT_EMAIL", "DT_API_URL", "DT_AUTH_URL",
 )
 DATABASE_SCHEMES = ("postgres", "postgresql")
 SECRETS = ("DT_SIGNATURE_SECRET", "DT_SIGNATURE_SECRET_PREVIOUS")
 MIN_SECRET_BYTES = 32
 WHOLE_NUMBERS = ("WEB_CONCURRENCY", "DATABASE_MAX_CONNECTIONS")
+# How long the raw events and the readings are kept (unset: for ever); the receiver removes what is older.
+RETENTIONS = ("EVENTS_RETENTION", "READINGS_RETENTION")
+RETENTION_EXAMPLES = "31d, 26w or 2y"
 # Heroku Postgres essential-0 allows 20 connections: two dynos of 8 leave 4 for `heroku run` and psql.
 DEFAULT_CONNECTION_BUDGET = 8
 
@@ -39,6 +43,8 @@ def setting_warnings(settings: Mapping[str, str]) -> list[str]:
                 for name in SECRETS if settings.get(name) and len(settings[name].encode()) < MIN_SECRET_BYTES]
     if settings.get("HEALTH_STALE_AFTER") and not settings.get("DATABASE_URL"):
         warnings.append("HEALTH_STALE_AFTER has no effect without DATABASE_URL: /health cannot see when events arrive")
+    warnings += [f"{name} has no effect without DATABASE_URL: no event is kept" for name in RETENTIONS
+                 if settings.get(name) and not settings.get("DATABASE_URL")]
     return warnings
 
 
@@ -80,10 +86,25 @@ def stale_problem(settings: Mapping[str, str]) -> str | None:
     return None
 
 
+def retention(settings: Mapping[str, str], name: str) -> timedelta | None:
+    """Return how long EVENTS_RETENTION or READINGS_RETENTION keeps rows, or None if unset (for ever) or invalid."""
+    duration = parse_duration(settings.get(name) or "")
+    return duration if duration is not None and duration > timedelta(0) else None
+
+
+def retention_problem(settings: Mapping[str, str]) -> str | None:
+    """Return why EVENTS_RETENTION or READINGS_RETENTION is not a duration, or None (also when unset or empty)."""
+    for name in RETENTIONS:
+        value = settings.get(name)
+        if value and retention(settings, name) is None:
+            return f"{name} must be a duration such as {RETENTION_EXAMPLES}, not {value!r}"
+    return None
+
+
 def server_problem(settings: Mapping[str, str]) -> str | None:
     """Return the first reason the web server must not start that the standard library can see, or None."""
     return (verification_problem(settings) or database_problem(settings) or number_problem(settings)
-            or stale_problem(settings))
+            or stale_problem(settings) or retention_problem(settings))
 
 
 def library_problem(settings: Mapping[str, str]) -> str | None:

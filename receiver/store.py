@@ -12,13 +12,16 @@ from datetime import timedelta
 
 import gevent
 import psycopg
+from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from .errors import ConfigError, UnavailableError
 from .events import Event
 from .group_commit import GroupCommit
 from .logs import database_fault
-from .schema import NewerSchemaError, migrate
+from .readings import samples_of
+from .schema import VERSION, NewerSchemaError, migrate, usable_version
+from .upgrade import fill_one_window
 
 log = logging.getLogger("receiver")
 
@@ -35,12 +38,70 @@ RECONNECT_SECONDS = 2
 POOL_MARGIN_SECONDS = 0.25
 # At start, until the table is ready, the schema check is retried this often.
 PREPARE_RETRY_SECONDS = 2
+# The readings an upgrade left behind are filled in a window at a time, with this pause between windows (so that
+# deliveries keep the database's time), and another process looks again this often in case the one filling stops.
+FILL_PAUSE_SECONDS = 0.05
+FILL_RETRY_SECONDS = 30
 # What a statement raises when the table, a column or its type is not there (a reset database, a restore
 # without the table): the store prepares the table again.
 SCHEMA_LOST = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedObject)
 
-# Pushed events, a batch at a time (receiver/group_commit.py); their source is the column's default, 'connector'.
-# Binary arrays: as text, every quote in every body would be escaped, at several times the cost of the rest.
+# Schema 5: a batch of timed events and, in the same statement and commit, the readings (receiver/readings.py)
+# of those that were new; a redelivered, raced or backfilled duplicate has the same time, so the same partition,
+# and conflicts. Binary arrays: as text, every quote in every body would be escaped, at several times the cost.
+SAMPLES_OF_NEW = """
+readings AS (
+    INSERT INTO dt_samples (time, value, value2, device, kind, state, event_id)
+    SELECT COALESCE(time::timestamptz, now()), value, value2, device, kind, state, event_id
+    FROM unnest(%b::text[], %b::float8[], %b::float8[], %b::int4[], %b::int2[], %b::text[], %b::text[])
+         AS sample (time, value, value2, device, kind, state, event_id)
+    WHERE event_id IN (SELECT event_id FROM new)
+)"""
+NEW_EVENTS = """
+new AS (
+    INSERT INTO dt_events (event_id, device_id, event_type, event_time, source, event)
+    SELECT event_id, device_id, event_type, COALESCE(event_time, now()), '{source}', event
+    FROM unnest(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::text[])
+         AS batch (event_id, device_id, event_type, event_time, event)
+    {unseen}
+    ON CONFLICT (event_id, event_time) DO NOTHING
+    RETURNING event_id
+)"""
+# A batch of one, the most common, costs less with the event as plain values.
+NEW_EVENT = """
+new AS (
+    INSERT INTO dt_events (event_id, device_id, event_type, event_time, event) VALUES (%b, %b, %b, %b, %b)
+    ON CONFLICT (event_id, event_time) DO NOTHING
+    RETURNING event_id
+)"""
+# An event without a timestamp is stored at now(), so a redelivery would find no conflict: its own transaction,
+# a lock on its id, and a look in every partition (rare; 0.2-0.4 ms).
+LOCK_EVENT_ID = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
+NEW_UNTIMED_EVENT = """
+new AS (
+    INSERT INTO dt_events (event_id, device_id, event_type, event_time, event)
+    SELECT %b, %b, %b, now(), %b WHERE NOT EXISTS (SELECT FROM dt_events WHERE event_id = %b)
+    RETURNING event_id
+)"""
+NOTE_ARRIVAL = """
+noted AS (
+    UPDATE dt_last_arrival SET received_at = now()
+    WHERE (received_at IS NULL OR received_at < now() - interval '1 second') AND EXISTS (SELECT FROM new)
+)"""
+# The dt_last_arrival row is noted at most once a second: an update locks the row until its commit, and a write
+# that finds it being updated waits for that commit; a row already noted within the second is not locked at all.
+PUSHED = NEW_EVENTS.format(source="connector", unseen="")
+WRITE = "WITH" + PUSHED + "," + SAMPLES_OF_NEW + "," + NOTE_ARRIVAL + "\nSELECT event_id FROM new"
+WRITE_ONE = "WITH" + NEW_EVENT + "," + SAMPLES_OF_NEW + "," + NOTE_ARRIVAL + "\nSELECT event_id FROM new"
+WRITE_UNTIMED = "WITH" + NEW_UNTIMED_EVENT + "," + SAMPLES_OF_NEW + "," + NOTE_ARRIVAL + "\nSELECT event_id FROM new"
+# DT's history may write a timestamp differently from the pushed event (a time of the same instant conflicts all
+# the same), so backfill also looks for the id in every partition.
+HISTORY = NEW_EVENTS.format(source="history",
+                            unseen="WHERE NOT EXISTS (SELECT FROM dt_events AS s WHERE s.event_id = batch.event_id)")
+WRITE_HISTORY = "WITH" + HISTORY + "," + SAMPLES_OF_NEW + "\nSELECT count(*) FROM new"
+
+# Schemas 3 and 4, while the upgrade to 5 builds its index (receiver/upgrade.py): events alone, their readings
+# filled in behind.
 INSERT = """
 INSERT INTO dt_events (event_id, device_id, event_type, event_time, event)
 SELECT event_id, device_id, event_type, COALESCE(event_time, now()), event
@@ -49,31 +110,6 @@ FROM unnest(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::text[])
 ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id
 """
-# A batch of one, the most common, costs less as a plain insert (about 25 us of the receiver's CPU, and the server's).
-INSERT_ONE = """
-INSERT INTO dt_events (event_id, device_id, event_type, event_time, event)
-VALUES (%s, %s, %s, COALESCE(%s, now()), %s)
-ON CONFLICT (event_id) DO NOTHING
-RETURNING event_id
-"""
-
-
-def noting_arrival(insert: str) -> str:
-    """Return an insert of pushed events that also notes, in dt_last_arrival, when one was new.
-
-    At most once a second: an update locks the row until its commit, and a write that finds it being
-    updated waits for that commit; a row already noted within the second is not locked at all."""
-    return f"""
-WITH inserted AS ({insert.strip()}),
-noted AS (
-    UPDATE dt_last_arrival SET received_at = now()
-    WHERE (received_at IS NULL OR received_at < now() - interval '1 second') AND EXISTS (SELECT FROM inserted)
-)
-SELECT event_id FROM inserted
-"""  # noqa: S608 (constant text only)
-
-
-WRITE, WRITE_ONE = noting_arrival(INSERT), noting_arrival(INSERT_ONE)
 
 # How long ago the Data Connector last pushed a new event (nothing if it never did), for /health and `status`:
 # one row, so backfilled rows, however many and however new, are never read (DT's history says nothing about
@@ -95,6 +131,8 @@ class EventStore:
         self.last_fault = "its first check has not finished"
         self._reporting = threading.Lock()
         self._commits = GroupCommit(self._write)
+        self._partitioned = True  # schema 5's statements; False while an upgrade from 3 or 4 runs
+        self._devices = DeviceNumbers()
 
     def start(self) -> None:
         """Open the pool and check the schema in the background; the caller does not wait."""
@@ -118,7 +156,7 @@ class EventStore:
     def save(self, event: Event, wait_seconds: float) -> bool:
         """Commit the event, together with those that wait beside it; return False if it was stored before."""
         self._wait_until_ready(wait_seconds)
-        row = (event.event_id, event.device_id, event.event_type, event.time, event.text)
+        row = (event.event_id, event.device_id, event.event_type, event.time, event.text, samples_of(event))
         return self._commits.save(row, len(event.text), wait_seconds)
 
     def check(self, wait_seconds: float) -> str | None:
@@ -153,17 +191,38 @@ class EventStore:
             self._pool.close()
 
     def _write(self, rows: list[tuple], wait_seconds: float) -> list[bool]:
-        """Commit rows in one statement within the wait; return, for each, whether it is new."""
-        if len(rows) == 1:
-            query, params = WRITE_ONE, rows[0]
-        else:  # by event id, as backfill inserts: two inserts of the same ids never wait on each other in a cycle
-            ordered = sorted(rows, key=lambda row: row[0])  # stable: of two rows with one id, the first is written
-            query, params = WRITE, [list(column) for column in zip(*ordered, strict=True)]
+        """Commit rows (and their readings) within the wait; return, for each, whether it is new."""
         # A deadline of its own: a frozen server never answers, and no delivery's may cut short a batch others wait on.
         with gevent.Timeout(wait_seconds, UnavailableError("database unavailable: timeout")):
             with self._connection(wait_seconds) as connection:
-                new = {event_id for (event_id,) in insert_keeping_odd_text(connection, query, params)}
+                partitioned = self._partitioned
+                try:
+                    new = self._insert(connection, rows, partitioned)
+                except psycopg.errors.InvalidColumnReference:
+                    if partitioned:
+                        raise
+                    self._partitioned = True  # another process has switched to schema 5: its statements
+                    new = self._insert(connection, rows, True)
         return first_of_each([escaped(row[0]) for row in rows], new)  # as written, if the text had to be escaped
+
+    def _insert(self, connection: psycopg.Connection, rows: list[tuple], partitioned: bool) -> set[str]:
+        """Insert rows, by event id as backfill inserts (two inserts of the same ids never wait on each other in a
+        cycle); return the ids that were new. Of two rows with one id, the first is written."""
+        unique = sorted({row[0]: row for row in reversed(rows)}.values(), key=lambda row: row[0])
+        if not partitioned:
+            columns = [list(column) for column in zip(*(row[:5] for row in unique), strict=True)]
+            return {event_id for (event_id,) in insert_keeping_odd_text(connection, INSERT, columns)}
+        devices = self._devices.numbers(connection, {row[1] for row in unique if row[5] and row[1] is not None})
+        timed = [row for row in unique if row[3] is not None]
+        new = set()
+        if timed:
+            query, events = (WRITE_ONE, list(timed[0][:5])) if len(timed) == 1 else (WRITE, event_columns(timed))
+            params = events + sample_columns(timed, devices)
+            new.update(event_id for (event_id,) in insert_keeping_odd_text(connection, query, params))
+        for row in unique:
+            if row[3] is None:
+                new.update(write_untimed(connection, row, devices))
+        return new
 
     def _wait_until_ready(self, wait_seconds: float) -> None:
         """Until the table is ready, wait only for the first try to reach the database, then refuse at once."""
@@ -198,16 +257,21 @@ class EventStore:
                 return  # already preparing
             self._ready.clear()
         self.note_fault(f"{fault}: preparing the table again")
+        self._devices = DeviceNumbers()  # a lost dt_devices numbers them afresh
         threading.Thread(target=self._prepare, args=(True,), name="dt_events schema", daemon=True).start()
 
     def _prepare(self, again: bool = False) -> None:
         """Migrate the table (`again`: every step, a part having been lost), logging whether the database answered
-        (and each new cause), until it is ready."""
+        (and each new cause), until it is ready; then fill in the readings an upgrade left behind."""
         while not self._closed.is_set():
             try:
                 # A pooled connection, so that the check counts against the dyno's connection budget.
                 with self._pool.connection(timeout=CONNECT_TIMEOUT_SECONDS) as connection:
-                    version = migrate(connection, again)
+                    if 3 <= usable_version(connection) < VERSION and not self._ready.is_set():
+                        self._partitioned = False  # stores as before while the upgrade builds its index
+                        self._ready.set()
+                    # Storing already: leave the upgrade to the process running it, and look again later.
+                    version = migrate(connection, again, wait=not self._ready.is_set())
             except PoolTimeout:
                 self._attempted.set()  # the pool's own attempt has named the cause, if it failed
             except psycopg.Error as error:
@@ -215,11 +279,28 @@ class EventStore:
             except NewerSchemaError as error:
                 self.note_fault(str(error))
             else:
-                self._ready.set()
-                self._attempted.set()
-                log.info("database ready", extra={"fields": {"schema_version": version}})
-                return
+                if version >= VERSION:
+                    self._partitioned = True
+                    self._ready.set()
+                    self._attempted.set()
+                    log.info("database ready", extra={"fields": {"schema_version": version}})
+                    self._fill_readings()
+                    return
+                self._attempted.set()  # another process is upgrading: stored as before meanwhile
             self._closed.wait(PREPARE_RETRY_SECONDS)
+
+    def _fill_readings(self) -> None:
+        """Fill in, a window at a time, the readings of events an upgrade stored before it (one process works at
+        a time; the others look again now and then, in case it stops)."""
+        while not self._closed.is_set():
+            try:
+                with self._pool.connection(timeout=CONNECT_TIMEOUT_SECONDS) as connection:
+                    state = fill_one_window(connection)
+            except (PoolTimeout, psycopg.Error):
+                state = "busy"
+            if state == "done":
+                return
+            self._closed.wait(FILL_PAUSE_SECONDS if state == "filled" else FILL_RETRY_SECONDS)
 
 
 class FaultNamingConnection(psycopg.Connection):
@@ -237,13 +318,65 @@ class FaultNamingConnection(psycopg.Connection):
             raise
 
 
+class DeviceNumbers:
+    """The number dt_devices gives each device id, cached in this process: a device seen before costs nothing."""
+
+    def __init__(self):
+        self._numbers: dict[str, int] = {}
+
+    def numbers(self, connection: psycopg.Connection, device_ids: set[str]) -> dict[str, int]:
+        """Return the numbers of these devices, adding those dt_devices does not hold yet, in a statement of its own."""
+        missing = sorted(device_id for device_id in device_ids if device_id not in self._numbers)
+        if missing:
+            written = {escaped(device_id): device_id for device_id in missing}
+            connection.execute("INSERT INTO dt_devices (device_id) SELECT unnest(%s::text[]) "
+                               "ON CONFLICT (device_id) DO NOTHING", (list(written),))
+            found = connection.cursor(row_factory=tuple_row).execute(
+                "SELECT device_id, device FROM dt_devices WHERE device_id = ANY(%s)", (list(written),)).fetchall()
+            self._numbers.update((written[device_id], device) for device_id, device in found)
+        return self._numbers
+
+
+def event_columns(rows: list[tuple]) -> list[list]:
+    """Return the event columns of rows (event id, device id, type, time, body) as arrays."""
+    return [list(column) for column in zip(*(row[:5] for row in rows), strict=True)]
+
+
+def sample_columns(rows: list[tuple], devices: dict[str, int]) -> list[list]:
+    """Return the readings of rows as the arrays dt_samples takes: time, value, value2, device, kind, state,
+    event id. An event with no device id has no readings (dt_readings names each reading's device)."""
+    columns = [[], [], [], [], [], [], []]
+    for row in rows:
+        device = devices.get(row[1]) if row[1] is not None else None
+        for sample in row[5] if device is not None else ():
+            for column, value in zip(columns, (sample.time, sample.value, sample.value2, device, sample.kind,
+                                              sample.state, row[0]), strict=True):
+                column.append(value)
+    return columns
+
+
+def write_untimed(connection: psycopg.Connection, row: tuple, devices: dict[str, int]) -> set[str]:
+    """Store an event without a (readable) timestamp at now(), unless its id is stored already; return it if new."""
+    params = [row[0], row[1], row[2], row[4], row[0], *sample_columns([row], devices)]
+    for attempt in (params, None):
+        try:
+            with connection.transaction():
+                connection.execute(LOCK_EVENT_ID, (row[0],))
+                return {event_id for (event_id,) in connection.execute(WRITE_UNTIMED, attempt or escaped(params))}
+        except (psycopg.DataError, UnicodeEncodeError):
+            if attempt is None:
+                raise
+    return set()
+
+
 def insert_keeping_odd_text(connection: psycopg.Connection, query: str, params) -> psycopg.Cursor:
     """Run an insert and return its cursor; if a NUL or a lone surrogate in any row stops it, run it again
     with those written as JSON escapes, so that an authentic event is kept all the same (and rows beside it)."""
+    cursor = connection.cursor(row_factory=tuple_row)
     try:
-        return connection.execute(query, params)
+        return cursor.execute(query, params)
     except (psycopg.DataError, UnicodeEncodeError):
-        return connection.execute(query, escaped(params))
+        return cursor.execute(query, escaped(params))
 
 
 def first_of_each(event_ids: list[str], new: set[str]) -> list[bool]:

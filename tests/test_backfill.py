@@ -491,7 +491,7 @@ def test_status_shows_newest_counts_silent_devices_and_backfilled(make_app, data
                  if row["event_id"] == live[-1]["eventId"]]
     newest_silent = datetime.fromisoformat(silent[0]["timestamp"])
     lines = result.stdout.splitlines()
-    assert lines[:-2] == [
+    assert lines[:-3] == [
         f"newest event: {newest:%Y-%m-%d %H:%M:%S} UTC (temperature, device emulive), arrived {arrived:%Y-%m-%d %H:%M:%S} UTC",
         "  temperature: 5 in the last hour, 5 in the last day",
         "  touch: 0 in the last hour, 4 in the last day",
@@ -499,8 +499,10 @@ def test_status_shows_newest_counts_silent_devices_and_backfilled(make_app, data
         f"  emusilent: newest {newest_silent:%Y-%m-%d %H:%M} UTC, usually every 15 min",
         "backfilled: 18 of the 23 events of the last 7 days came from DT's history",
     ]
-    assert re.fullmatch(r"last event from the Data Connector: arrived \d+ s ago", lines[-2])  # the pushed ones
-    assert re.fullmatch(r"size: events table \d+\.\d MB, database \d+\.\d MB", lines[-1])
+    assert re.fullmatch(r"last event from the Data Connector: arrived \d+ s ago", lines[-3])  # the pushed ones
+    assert lines[-2] == "retention: events kept for ever (EVENTS_RETENTION unset), readings kept for ever " \
+                        "(READINGS_RETENTION unset)"
+    assert re.fullmatch(r"size: events \d+\.\d MB, readings \d+\.\d MB, database \d+\.\d MB", lines[-1])
 
 
 def test_status_of_an_empty_table_says_none_yet(make_app, database_url):
@@ -534,11 +536,12 @@ def test_status_lists_as_silent_only_devices_heard_from_in_the_last_week(make_ap
 
 
 def test_status_says_how_full_the_plan_is(make_app, database_url):
-    """With DATABASE_PLAN_MB set, the size line adds the database's share of the plan, in whole percent."""
+    """With DATABASE_PLAN_MB set, the size line adds the database's share of the plan, in whole percent (and a line
+    follows on when it fills: tests/test_retention.py)."""
     result = run(make_app(DATABASE_URL=database_url, DATABASE_PLAN_MB="16"), "status")
     assert result.exit_code == 0, result.output
-    found = re.fullmatch(r"size: events table \d+\.\d MB, database ([\d.]+) MB, (\d+)% of the plan's 16 MB",
-                         result.stdout.splitlines()[-1])
+    found = re.fullmatch(r"size: events \d+\.\d MB, readings \d+\.\d MB, database ([\d.]+) MB, (\d+)% of the "
+                         r"plan's 16 MB", result.stdout.splitlines()[-2])
     assert found, result.stdout
     share = float(found[1]) * 1e6 / (16 * 2**20) * 100  # the database's MB are rounded to 0.1: about 0.3% here
     assert abs(int(found[2]) - share) < 1.5, f"{found[2]}% printed, {share:.1f}% of 16 MB"

@@ -65,7 +65,8 @@ def test_prune_prints_the_cutoff_it_applies_in_utc(make_app, tokyo):
         dry_run.output)
     result = runner.invoke(args=["prune", "--older-than", "2026-01-01T00:00:00+02:00"])
     assert (result.exit_code, result.stdout) == (
-        0, "prune: deleted 1 events from before 2025-12-31 22:00:00 UTC; PostgreSQL reuses the space for new events\n")
+        0, "prune: removed 1 events from before 2025-12-31 22:00:00 UTC: 0 whole partitions dropped, 0.0 MB given "
+           "back; 1 deleted in batches, their space reused by new rows\n")
     with psycopg.connect(tokyo) as connection:
         kept = [event_id for event_id, in connection.execute("SELECT event_id FROM dt_events ORDER BY event_time")]
     assert kept == ["at", "after"]

@@ -219,11 +219,10 @@ def test_help_needs_no_setting(command):
 def test_export_to_a_reader_that_goes_away_ends_in_one_line(make_app, database_url):
     """`export | head -1`: when the reader closes the pipe, export stops with one line saying so, no traceback."""
     make_app(DATABASE_URL=database_url).test_client()  # nothing delivered: the table is made below
-    with queries.connect(database_url) as connection:  # migrates
-        connection.execute("INSERT INTO dt_events (event_id, device_id, event_type, event_time, event) "
-                           "SELECT 'many-' || n, 'emudev1', 'touch', now() - n * interval '1 s', %s "
-                           "FROM generate_series(1, 5000) AS n",
-                           (encode_body(event_at("touch", datetime.now(timezone.utc), "many")).decode(),))
+    now = datetime.now(timezone.utc)
+    with queries.connect(database_url) as connection:  # migrates; stored as backfill stores them, with readings
+        queries.add_history(connection, (event_at("touch", now - timedelta(seconds=n), f"many-{n}")["event"]
+                                         for n in range(1, 5001)))
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("DT_", "DATABASE_"))}, "DATABASE_URL": database_url}
     export = subprocess.Popen([sys.executable, "-m", "flask", "--app", "app", "export", "--since", "1d"], cwd=ROOT,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

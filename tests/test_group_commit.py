@@ -1,5 +1,6 @@
 """Group commit: deliveries waiting at once share one statement and one commit, and each hears its own outcome."""
 
+import functools
 import json
 import threading
 import time
@@ -21,8 +22,10 @@ from receiver.store import EventStore
 WAIT_SECONDS = 6.5
 
 
+@functools.cache
 def event(event_id: str):
-    """Return a parsed event with this id (a NUL or a lone surrogate in it written as a JSON escape, as DT would)."""
+    """Return a parsed event with this id (a NUL or a lone surrogate in it written as a JSON escape, as DT would),
+    the same each time: DT delivers an event again as it was, with its time."""
     return parse_event(json.dumps(sample_event(event_id=event_id)).encode())
 
 

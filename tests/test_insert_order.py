@@ -9,17 +9,18 @@ from support.dt_api import history_event
 
 from receiver import queries
 from receiver.events import parse_event
-from receiver.sample import encode_body, sample_event
+from receiver.readings import samples_of
+from receiver.sample import encode_body
 from receiver.store import EventStore
 
 IDS = [f"shared-{n:03d}" for n in range(40)]
 MIDDLE = IDS[len(IDS) // 2]
 
 
-def live_row(event_id: str) -> tuple:
-    """Return a pushed event's row as group commit hands it to the store's writer."""
-    event = parse_event(encode_body(sample_event(event_id=event_id)))
-    return event.event_id, event.device_id, event.event_type, event.time, event.text
+def live_row(history: dict) -> tuple:
+    """Return the row group commit hands the store's writer for the same event pushed (the same time: DT's event)."""
+    event = parse_event(encode_body({"event": history}))
+    return event.event_id, event.device_id, event.event_type, event.time, event.text, samples_of(event)
 
 
 def waiting_on_locks(database_url: str, count: int) -> None:
@@ -40,10 +41,12 @@ def test_a_live_batch_and_a_backfill_inserting_the_same_ids_in_opposite_orders_b
     store.start()
     assert store.check(10) is None
     history = [history_event("p", "emushared", "touch", event_id=event_id) for event_id in live_ids[::-1]]
+    live = {row[0]: row for row in map(live_row, history)}
     try:
         with psycopg.connect(database_url) as holder, ThreadPoolExecutor(2) as both:
-            holder.execute("INSERT INTO dt_events (event_id, event_time, event) VALUES (%s, now(), '{}')", (MIDDLE,))
-            batch = both.submit(store._write, [live_row(event_id) for event_id in live_ids], 15)
+            holder.execute("INSERT INTO dt_events (event_id, event_time, event) VALUES (%s, %s, '{}')",
+                           (MIDDLE, live[MIDDLE][3]))
+            batch = both.submit(store._write, [live[event_id] for event_id in live_ids], 15)
 
             def backfill() -> int:
                 with queries.connect(database_url) as connection:

@@ -17,7 +17,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg import sql
-from support.docs import documented_queries, plan_nodes
+from support.docs import documented_queries, index_roots, plan_nodes
 from support.postgres import PostgresServer, database_name, own_role, programs_missing, server_programs
 from support.server import ROOT
 from support.signing import SECRET, signed_delivery
@@ -57,6 +57,16 @@ def seed_rows(connection: psycopg.Connection, rows: int, newest: str, spread: st
         """,
         {"prefix": prefix, "readme_device": README_DEVICE, "newest": newest, "spread": spread, "rows": rows, "body": body},
     )
+
+
+# The events table's bytes: its partitions', since a partitioned table holds none itself.
+TABLE_BYTES = "SELECT sum(pg_total_relation_size(relid))::bigint FROM pg_partition_tree('dt_events')"
+
+
+def autovacuum_off(connection: psycopg.Connection) -> None:
+    """Keep autovacuum (and its analyze) off every partition of the events table."""
+    for (partition,) in connection.execute("SELECT relid::text FROM pg_partition_tree('dt_events') WHERE isleaf"):
+        connection.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = off)").format(sql.Identifier(partition)))
 
 
 def relation_bytes(database_url: str) -> dict[str, int]:
@@ -189,8 +199,8 @@ DOCUMENTED_QUERIES = {
     "README: one device's temperatures over a day": (1, None, ("dt_events_device_time",), False),
     "events": (queries.LATEST, LATEST, ("dt_events_time",), True),
     "events --device": (queries.LATEST, {**LATEST, "device": README_DEVICE}, ("dt_events_device_time",), True),
-    "prune (one batch)": (queries.PRUNE_ONE_BATCH, "prune", ("dt_events_time", "dt_events_pkey"), True),
-    "prune: a bounded count of old rows": (queries.OLD_ROWS_UP_TO, "count", ("dt_events_time",), False),
+    "prune: a bounded count of old rows": (queries.OLD_ROWS_UP_TO.format("dt_events", "event_time"), "count",
+                                           ("dt_events_time",), False),
     "status: newest event": (queries.NEWEST, None, ("dt_events_time",), True),
     "status: recent counts by type": (queries.RECENT_BY_TYPE, None, ("dt_events_time",), False),
     "status: silent devices": (queries.SILENT_DEVICES, None, ("dt_events_device_time",), False),
@@ -215,28 +225,28 @@ def test_documented_query_is_served_by_an_index(large_table, query, params, inde
     """Each documented query reads the events table through its index, never by scanning the whole table."""
     query = documented_queries(0)[query] if isinstance(query, int) else query
     before = datetime.now(timezone.utc) - timedelta(days=30)
-    params = {"prune": {"after": "-infinity", "before": before, "batch": queries.PRUNE_BATCH},
-              "count": (before, queries.EXACT_COUNT_UP_TO + 1)}[params] if isinstance(params, str) else params
+    params = {"count": (before, queries.EXACT_COUNT_UP_TO + 1)}[params] if isinstance(params, str) else params
     with psycopg.connect(large_table, autocommit=True) as connection, connection.transaction():
-        if query is queries.PRUNE_ONE_BATCH:
-            # For a batch of 5,000 the planner prefers one pass over a table of up to about 250,000 rows
-            # (220 MB) to 5,000 primary-key probes, and the probes from about 300,000; seeding that much
-            # would cost this file ~10 s, so the test asks whether the indexes can serve the delete at all.
-            connection.execute("SET LOCAL enable_seqscan = off")
         [[[explained]]] = connection.execute("EXPLAIN (FORMAT JSON) " + query, params).fetchall()
+        roots = index_roots(connection)
+        history = {name for (name,) in connection.execute(
+            "SELECT relid::text FROM pg_partition_tree('dt_events') WHERE isleaf AND relid::text !~ '_p[0-9]{8}$'")}
     plan = explained["Plan"]
     with capsys.disabled():
         print(f"\n{request.node.callspec.id}:\n{plan_outline(plan)}")
     nodes = list(plan_nodes(plan))
-    scans = [node for node in nodes if node.get("Relation Name") == "dt_events"]
+    # The partitions of many days (DEFAULT, here 100 days of them) are read through their part of the table's index;
+    # a day's own partition may be read whole by a window of days (and is left out of a window it is not in).
+    scans = [node for node in nodes if node.get("Relation Name") in history]
     assert scans and not [node for node in scans if node["Node Type"] == "Seq Scan"], plan_outline(plan)
-    assert set(indexes) <= {node.get("Index Name") for node in nodes}, plan_outline(plan)
+    assert set(indexes) <= {roots.get(node.get("Index Name")) for node in nodes}, plan_outline(plan)
     if ordered:
         assert not [node for node in nodes if node["Node Type"].endswith("Sort")], plan_outline(plan)
 
 
 def record_deletes(connection: psycopg.Connection) -> None:
-    """Record, in a table of the test's own, each statement that deletes events: its transaction, rows and time."""
+    """Record, in a table of the test's own, each statement that deletes events of the DEFAULT partition (where rows
+    older than the partitions go): its transaction, rows and time."""
     connection.execute("""
         CREATE TABLE deletes_seen (xid xid8, deleted bigint, seconds float8, at timestamptz);
         CREATE FUNCTION note_deletes() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -247,7 +257,7 @@ def record_deletes(connection: psycopg.Connection) -> None:
             FROM gone;
             RETURN NULL;
         END $$;
-        CREATE TRIGGER note_deletes AFTER DELETE ON dt_events REFERENCING OLD TABLE AS gone
+        CREATE TRIGGER note_deletes AFTER DELETE ON dt_events_default REFERENCING OLD TABLE AS gone
             FOR EACH STATEMENT EXECUTE FUNCTION note_deletes();
     """)
 
@@ -269,7 +279,7 @@ def test_prune_deletes_in_short_batches_while_deliveries_continue(start_server, 
         time.sleep(0.5)
         stop.set()
         answers = [one for client in running for one in client.result()]
-    assert pruned.returncode == 0 and pruned.stdout.startswith(f"prune: deleted {old} events from before "), pruned
+    assert pruned.returncode == 0 and pruned.stdout.startswith(f"prune: removed {old} events from before "), pruned
     assert Counter((one["status"], one["text"]) for one in answers) == {(200, "stored\n"): len(answers)}
     assert max(one["seconds"] for one in answers) < LONGEST_ANSWER_SECONDS
     assert scalar(database_url, "SELECT count(*) FROM dt_events WHERE event_time < now() - interval '30 days'") == 0
@@ -302,7 +312,8 @@ def test_prune_keeps_an_event_at_the_cutoff_exactly(make_app, database_url):
     assert dry_run.output.startswith("prune: would delete 1 events from before 2026-01-01 00:00:00 UTC"), dry_run.output
     result = runner.invoke(args=["prune", "--older-than", "2026-01-01T00:00:00Z"])
     assert (result.exit_code, result.stdout) == (
-        0, "prune: deleted 1 events from before 2026-01-01 00:00:00 UTC; PostgreSQL reuses the space for new events\n")
+        0, "prune: removed 1 events from before 2026-01-01 00:00:00 UTC: 0 whole partitions dropped, 0.0 MB given "
+           "back; 1 deleted in batches, their space reused by new rows\n")
     with psycopg.connect(database_url) as connection:
         kept = [event_id for event_id, in connection.execute("SELECT event_id FROM dt_events ORDER BY event_time")]
     assert kept == ["at", "after"]
@@ -316,27 +327,31 @@ def test_prune_deletes_rows_that_share_a_time_across_its_batches(make_app, datab
                            "'2025-06-01T00:00:00Z', '{}' FROM generate_series(1, %s) AS n", (PRUNE_BATCH_ROWS + 1000,))
     result = make_app(DATABASE_URL=database_url).test_cli_runner().invoke(
         args=["prune", "--older-than", "2026-01-01T00:00:00Z"])
-    assert result.stdout.startswith(f"prune: deleted {PRUNE_BATCH_ROWS + 1000} events "), result.output
+    assert result.stdout.startswith(f"prune: removed {PRUNE_BATCH_ROWS + 1000} events "), result.output
     assert scalar(database_url, "SELECT count(*) FROM dt_events") == 0
 
 
 def test_prune_dry_run_reports_rows_and_bytes_and_deletes_nothing(make_app, database_url):
-    """`prune --dry-run` on a table never analyzed estimates the old rows and their bytes (a quarter of the table
-    here, not all of it, nor the planner's blind guess of a third), and deletes nothing."""
+    """`prune --dry-run` on a partition never analyzed estimates the old rows and their bytes (a quarter of the
+    table here, not all of it, nor the planner's blind guess of a third), and deletes nothing."""
     old = queries.EXACT_COUNT_UP_TO + 2000  # more than it counts exactly: the planner estimates
     with psycopg.connect(database_url, autocommit=True) as connection:
         migrate(connection)
-        connection.execute("ALTER TABLE dt_events SET (autovacuum_enabled = off)")  # so that nothing analyzes it
-        seed_rows(connection, old, newest="100 days", spread="1 day", prefix="old")
-        seed_rows(connection, 3 * old, newest="0 s", spread="1 day", prefix="new")
-    assert scalar(database_url, "SELECT reltuples FROM pg_class WHERE oid = 'dt_events'::regclass") == -1
+        connection.execute("ALTER TABLE dt_events_default SET (autovacuum_enabled = off)")  # so nothing analyzes it
+        seed_rows(connection, old, newest="100 days", spread="1 day", prefix="old")  # older than the partitions
+        seed_rows(connection, 3 * old, newest="100 days", spread="1 day", prefix="new")
+        connection.execute("UPDATE dt_events SET event_time = event_time + interval '70 days' "
+                           "WHERE event_id LIKE 'new%'")
+    assert scalar(database_url, "SELECT reltuples FROM pg_class WHERE oid = 'dt_events_default'::regclass") == -1
     result = make_app(DATABASE_URL=database_url).test_cli_runner().invoke(
-        args=["prune", "--older-than", "30d", "--dry-run"])
+        args=["prune", "--older-than", "60d", "--dry-run"])
     assert result.exit_code == 0, result.output
     found = re.fullmatch(r"prune: would delete about (\d+) \(the planner's estimate\) events from before "
-                         r"\S+ \S+ UTC, about ([\d.]+) MB of the table\n", result.output)
+                         r"\S+ \S+ UTC, 0\.0 MB given back \(0 whole partitions\), about ([\d.]+) MB left for new "
+                         r"rows\n",
+                         result.output)
     assert found, result.output
-    old_share = scalar(database_url, "SELECT pg_total_relation_size('dt_events')") / 4
+    old_share = scalar(database_url, "SELECT pg_total_relation_size('dt_events_default')") / 4
     assert 0.8 * old <= int(found[1]) <= 1.2 * old, f"estimated {found[1]} rows of {old}"
     assert 0.8 * old_share <= float(found[2]) * 1e6 <= 1.2 * old_share, (
         f"estimated {found[2]} MB, share {old_share / 1e6:.1f} MB")
@@ -411,7 +426,7 @@ def fill_the_table(database_url: str) -> None:
     """Insert rows the size of a delivery's, a hundred and then one at a time, until the table's file cannot grow."""
     with psycopg.connect(database_url, autocommit=True) as admin:
         migrate(admin)
-        admin.execute("ALTER TABLE dt_events SET (autovacuum_enabled = off)")  # a failed batch's space stays taken
+        autovacuum_off(admin)  # a failed batch's space stays taken
         for rows in (100, 1):
             with pytest.raises(psycopg.Error, match="could not extend file"):
                 for n in range(FULL_DISK_BYTES // 500):

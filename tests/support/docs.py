@@ -18,3 +18,14 @@ def plan_nodes(plan: dict):
     yield plan
     for child in plan.get("Plans", []):
         yield from plan_nodes(child)
+
+
+def index_roots(connection) -> dict[str, str]:
+    """Return, for each index of a partition, the partitioned table's index it is part of (its own name for others):
+    a plan names the partition's index, a test the table's."""
+    found = connection.execute("""
+        SELECT c.relname, (SELECT r.relid::regclass::text FROM pg_partition_ancestors(c.oid) AS r
+                           ORDER BY (SELECT count(*) FROM pg_partition_ancestors(r.relid)) LIMIT 1)
+        FROM pg_class AS c WHERE c.relkind IN ('i', 'I') AND c.relnamespace = current_schema()::regnamespace
+    """).fetchall()
+    return {name: root for name, root in found}
