@@ -35,7 +35,8 @@ CREATE INDEX IF NOT EXISTS dt_events_device_time ON dt_events (device_id, event_
 CREATE INDEX IF NOT EXISTS dt_events_time ON dt_events (event_time);
 """
 
-# dt_readings: one row per measured quantity per sample, read from the stored bodies, so that charts need no
+# dt_readings of schemas 3 and 4 (step 2 -> 3): one row per measured quantity per sample, read from the stored
+# bodies, so that charts need no
 # JSON paths. Only types with readings are parsed (the filter on event_type is on dt_events' own scan, before
 # any parse), each body once (fields are joined to what dt_event_samples returned, so the planner cannot
 # join them first and parse a body once per field), and a body or value it cannot read gives no row, never
