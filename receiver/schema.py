@@ -36,11 +36,9 @@ CREATE INDEX IF NOT EXISTS dt_events_time ON dt_events (event_time);
 """
 
 # dt_readings of schemas 3 and 4 (step 2 -> 3): one row per measured quantity per sample, read from the stored
-# bodies, so that charts need no
-# JSON paths. Only types with readings are parsed (the filter on event_type is on dt_events' own scan, before
-# any parse), each body once (fields are joined to what dt_event_samples returned, so the planner cannot
-# join them first and parse a body once per field), and a body or value it cannot read gives no row, never
-# an error. Filters on the view's event_id, device_id, event_type and event_time reach dt_events' indexes.
+# bodies. Only types with readings are parsed (the filter on event_type is on dt_events' own scan, before any
+# parse), each body once (fields are joined to what dt_event_samples returned, so the planner cannot join them
+# first and parse a body once per field), and a body or value it cannot read gives no row, never an error.
 # The functions are not PARALLEL SAFE: an exception block is a subtransaction, which parallel mode forbids.
 READINGS_VIEW = r"""
 CREATE OR REPLACE FUNCTION dt_reading_time(given text, otherwise timestamptz) RETURNS timestamptz

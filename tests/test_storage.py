@@ -70,18 +70,21 @@ def autovacuum_off(connection: psycopg.Connection) -> None:
 
 
 def relation_bytes(database_url: str) -> dict[str, int]:
-    """Return the bytes on disk of the events table: heap, TOAST, free-space and visibility maps, each index, total."""
+    """Return the bytes on disk of the events table, over all its partitions: heap, TOAST, free-space and
+    visibility maps, each index (its parts in every partition), total."""
     with psycopg.connect(database_url, autocommit=True) as connection:
         sizes = dict(connection.execute(
             """
-            SELECT 'table (heap)', pg_relation_size('dt_events')
+            WITH parts AS (SELECT relid FROM pg_partition_tree('dt_events') WHERE isleaf)
+            SELECT 'table (heap)', sum(pg_relation_size(relid))::bigint FROM parts
             UNION ALL SELECT 'free space and visibility maps',
-                             pg_relation_size('dt_events', 'fsm') + pg_relation_size('dt_events', 'vm')
-            UNION ALL SELECT 'TOAST (table and index)', coalesce(pg_total_relation_size(reltoastrelid), 0)
-                      FROM pg_class WHERE oid = 'dt_events'::regclass
-            UNION ALL SELECT 'index ' || indexrelid::regclass::text, pg_relation_size(indexrelid)
-                      FROM pg_index WHERE indrelid = 'dt_events'::regclass
-            UNION ALL SELECT 'total', pg_total_relation_size('dt_events')
+                             sum(pg_relation_size(relid, 'fsm') + pg_relation_size(relid, 'vm'))::bigint FROM parts
+            UNION ALL SELECT 'TOAST (table and index)', sum(coalesce(pg_total_relation_size(reltoastrelid), 0))::bigint
+                      FROM pg_class WHERE oid IN (SELECT relid FROM parts)
+            UNION ALL SELECT 'index ' || root.indexrelid::regclass::text, sum(pg_relation_size(part.relid))::bigint
+                      FROM pg_index AS root CROSS JOIN LATERAL pg_partition_tree(root.indexrelid) AS part
+                      WHERE root.indrelid = 'dt_events'::regclass AND part.isleaf GROUP BY root.indexrelid
+            UNION ALL SELECT 'total', sum(pg_total_relation_size(relid))::bigint FROM parts
             """).fetchall())
     return sizes
 
@@ -167,6 +170,7 @@ def test_stored_event_takes_at_most_850_bytes(make_app, database_url, capsys):
     with psycopg.connect(database_url, autocommit=True) as connection:
         connection.execute("VACUUM ANALYZE dt_events")
     assert scalar(database_url, "SELECT count(*) FROM dt_events") == events
+    assert scalar(database_url, TABLE_BYTES) > events * 500  # every partition counted
     per_event = {part: size / events for part, size in relation_bytes(database_url).items()}
     with capsys.disabled():
         print(f"\nbytes per stored event ({events} sample temperature events, body {len(body)} bytes, "
