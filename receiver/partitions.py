@@ -19,12 +19,21 @@ def ensure_partitions(connection: psycopg.Connection, today: date) -> None:
     first = max(today, legacy_until(connection) or today)  # the upgraded table's old rows hold the days before
     for day in (today + timedelta(days=ahead) for ahead in range(EVENT_DAYS_AHEAD + 1)):
         if day >= first:
-            attach_partition(connection, "dt_events", f"p{day:%Y%m%d}", day, day + timedelta(days=1))
+            attach_unless_blocked(connection, "dt_events", f"p{day:%Y%m%d}", day, day + timedelta(days=1))
     month = today.replace(day=1)
     for _ in range(2):
         following = next_month(month)
-        attach_partition(connection, "dt_samples", f"p{month:%Y%m}", month, following)
+        attach_unless_blocked(connection, "dt_samples", f"p{month:%Y%m}", month, following)
         month = following
+
+
+def attach_unless_blocked(connection: psycopg.Connection, table: str, suffix: str, since: date, until: date) -> None:
+    """Attach a partition; leave it for the maintenance if rows in the DEFAULT partition are in its range (moving
+    them is that job's part), so that a migration never fails for it."""
+    try:
+        attach_partition(connection, table, suffix, since, until)
+    except psycopg.errors.CheckViolation:
+        pass
 
 
 def next_month(month: date) -> date:
