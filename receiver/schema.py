@@ -1,5 +1,6 @@
 """Create and migrate the events table and its readings view: once per process, outside any delivery, in steps."""
 
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import NamedTuple
@@ -35,11 +36,10 @@ CREATE INDEX IF NOT EXISTS dt_events_device_time ON dt_events (device_id, event_
 CREATE INDEX IF NOT EXISTS dt_events_time ON dt_events (event_time);
 """
 
-# dt_readings: one row per measured quantity per sample, read from the stored bodies, so that charts need no
-# JSON paths. Only types with readings are parsed (the filter on event_type is on dt_events' own scan, before
-# any parse), each body once (fields are joined to what dt_event_samples returned, so the planner cannot
-# join them first and parse a body once per field), and a body or value it cannot read gives no row, never
-# an error. Filters on the view's event_id, device_id, event_type and event_time reach dt_events' indexes.
+# dt_readings of schemas 3 and 4 (step 2 -> 3): one row per measured quantity per sample, read from the stored
+# bodies. Only types with readings are parsed (the filter on event_type is on dt_events' own scan, before any
+# parse), each body once (fields are joined to what dt_event_samples returned, so the planner cannot join them
+# first and parse a body once per field), and a body or value it cannot read gives no row, never an error.
 # The functions are not PARALLEL SAFE: an exception block is a subtransaction, which parallel mode forbids.
 READINGS_VIEW = r"""
 CREATE OR REPLACE FUNCTION dt_reading_time(given text, otherwise timestamptz) RETURNS timestamptz
@@ -297,6 +297,9 @@ COMPATIBLE_FROM = oldest_writer(UPGRADES)
 
 # A deploy's migration waits this long for a table lock, then tries again later: deliveries keep flowing.
 LOCK_TIMEOUT = "2s"
+# A process that finds another building the upgrade's index looks again this often, for at most this long.
+UPGRADE_POLL_SECONDS = 0.5
+UPGRADE_WAIT_SECONDS = 600
 
 
 class NewerSchemaError(ConfigError):
@@ -377,9 +380,13 @@ def run_before_steps(connection: psycopg.Connection, steps: tuple[Step, ...], wa
     process is running them and `wait` is False."""
     if not any(step.before for step in steps):
         return True
-    lock = "pg_advisory_lock" if wait else "pg_try_advisory_lock"
-    if scalar(connection, f"SELECT {lock}(hashtext('dt_events upgrade'))::text") == "false":
-        return False
+    # Tried, never waited for inside a statement: CREATE INDEX CONCURRENTLY waits for every statement running
+    # when it starts, so one waiting for this lock would deadlock with it.
+    give_up_at = time.monotonic() + (UPGRADE_WAIT_SECONDS if wait else 0)
+    while not scalar(connection, "SELECT pg_try_advisory_lock(hashtext('dt_events upgrade'))"):
+        if time.monotonic() >= give_up_at:
+            return False
+        time.sleep(UPGRADE_POLL_SECONDS)
     autocommit = connection.autocommit
     try:
         connection.commit()

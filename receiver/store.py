@@ -93,6 +93,14 @@ noted AS (
 PUSHED = NEW_EVENTS.format(source="connector", unseen="")
 WRITE = "WITH" + PUSHED + "," + SAMPLES_OF_NEW + "," + NOTE_ARRIVAL + "\nSELECT event_id FROM new"
 WRITE_ONE = "WITH" + NEW_EVENT + "," + SAMPLES_OF_NEW + "," + NOTE_ARRIVAL + "\nSELECT event_id FROM new"
+# Most events have one sample (a temperature, a heartbeat) or none: plain values cost less than arrays.
+ONE_SAMPLE_OF_NEW = """
+readings AS (
+    INSERT INTO dt_samples (time, value, value2, device, kind, state, event_id)
+    SELECT COALESCE(%b::timestamptz, now()), %b::float8, %b::float8, %b::int4, %b::int2, %b::text, event_id FROM new
+)"""
+WRITE_ONE_SAMPLE = "WITH" + NEW_EVENT + "," + ONE_SAMPLE_OF_NEW + "," + NOTE_ARRIVAL + "\nSELECT event_id FROM new"
+WRITE_ONE_BARE = "WITH" + NEW_EVENT + "," + NOTE_ARRIVAL + "\nSELECT event_id FROM new"
 WRITE_UNTIMED = "WITH" + NEW_UNTIMED_EVENT + "," + SAMPLES_OF_NEW + "," + NOTE_ARRIVAL + "\nSELECT event_id FROM new"
 # DT's history may write a timestamp differently from the pushed event (a time of the same instant conflicts all
 # the same), so backfill also looks for the id in every partition.
@@ -216,8 +224,7 @@ class EventStore:
         timed = [row for row in unique if row[3] is not None]
         new = set()
         if timed:
-            query, events = (WRITE_ONE, list(timed[0][:5])) if len(timed) == 1 else (WRITE, event_columns(timed))
-            params = events + sample_columns(timed, devices)
+            query, params = write_of(timed, sample_columns(timed, devices))
             new.update(event_id for (event_id,) in insert_keeping_odd_text(connection, query, params))
         for row in unique:
             if row[3] is None:
@@ -353,6 +360,17 @@ def sample_columns(rows: list[tuple], devices: dict[str, int]) -> list[list]:
                                               sample.state, row[0]), strict=True):
                 column.append(value)
     return columns
+
+
+def write_of(timed: list[tuple], samples: list[list]) -> tuple[str, list]:
+    """Return the statement that writes these timed rows with their readings, and its parameters."""
+    if len(timed) > 1:
+        return WRITE, event_columns(timed) + samples
+    if len(samples[0]) > 1:
+        return WRITE_ONE, list(timed[0][:5]) + samples
+    if samples[0]:
+        return WRITE_ONE_SAMPLE, list(timed[0][:5]) + [column[0] for column in samples[:6]]
+    return WRITE_ONE_BARE, list(timed[0][:5])
 
 
 def write_untimed(connection: psycopg.Connection, row: tuple, devices: dict[str, int]) -> set[str]:

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from support.blackhole import Blackhole
 from support.issuer import ORGANIZATION_ID, FakeClock
-from support.signing import SECRET, signed_delivery
+from support.signing import SECRET, dt_event, signed_delivery
 
 from receiver.keys import SigningKeys
 from receiver.sample import encode_body, sample_event
@@ -47,7 +47,7 @@ class Answer:
 
 def post(server, event_id: str, timeout: float = ROUTER_SECONDS) -> Answer:
     """Deliver one event once, on a new connection, and time the answer."""
-    body, headers = signed_delivery(sample_event(event_id=event_id))
+    body, headers = signed_delivery(dt_event(event_id))
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
     started = time.monotonic()
     try:

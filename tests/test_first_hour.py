@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 import pytest
 from support.server import ROOT, Server, free_port, procfile_command
-from support.signing import SECRET, signed_delivery
+from support.signing import SECRET, dt_event, signed_delivery
 
 from receiver import on_event
 from receiver.sample import sample_event, sign_body
@@ -289,7 +289,7 @@ def test_handler_sees_each_verified_delivery_once_and_no_rejected_one(make_app, 
     forged = signed_delivery(sample_event(event_id="forged"), secret="another-secret-0123456789abcdef0123")
     unsigned = (signed_delivery(sample_event(event_id="unsigned"))[0], {"Content-Type": "application/json"})
     not_an_event = (b"not json", {"X-Dt-Signature": sign_body(b"not json", SECRET)})
-    deliveries = [signed_delivery(sample_event(event_id="first")), signed_delivery(sample_event(event_id="first")),
+    deliveries = [signed_delivery(dt_event("first")), signed_delivery(dt_event("first")),
                   forged, unsigned, not_an_event, signed_delivery(sample_event(event_id="last"))]
     answers = [client.post("/", data=body, headers=headers) for body, headers in deliveries]
     assert [answer.status_code for answer in answers] == [200, 200, 401, 401, 400, 200]

@@ -11,9 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
-from support.signing import SECRET, signed_delivery
+from support.signing import SECRET, dt_event, signed_delivery
 
-from receiver.sample import sample_event
 
 MIN_EVENTS = 1000  # and more, until every kind of disruption has landed while events are in flight
 CONCURRENCY = 16
@@ -62,7 +61,7 @@ class DataConnector:
 
     def _post(self, event_id: str) -> tuple[int, str]:
         """POST the event; on a 200, before its body is read, look for its row (the answer must follow the commit)."""
-        body, headers = signed_delivery(sample_event(event_id=event_id))
+        body, headers = signed_delivery(dt_event(event_id))
         connection = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=10)
         try:
             connection.request("POST", "/", body=body, headers=headers)
@@ -143,11 +142,11 @@ def test_every_event_stored_exactly_once_through_restarts(start_server, postgres
     late_confirmed_absent = [event_id for event_id in connector.unconfirmed if event_id not in set(stored)]
     # Once the last disruption has settled, a replay of every event must find each one already stored.
     settled_by = time.monotonic() + 30
-    while (status := server.post(*signed_delivery(sample_event(event_id=event_ids[0])))[0]) != 200:
+    while (status := server.post(*signed_delivery(dt_event(event_ids[0])))[0]) != 200:
         assert status == 503 and time.monotonic() < settled_by
         time.sleep(0.5)
     with ThreadPoolExecutor(CONCURRENCY) as pool:
-        replays = Counter(pool.map(lambda event_id: server.post(*signed_delivery(sample_event(event_id=event_id))),
+        replays = Counter(pool.map(lambda event_id: server.post(*signed_delivery(dt_event(event_id))),
                                    event_ids))
     with capsys.disabled():
         print(f"\nreliability: {len(event_ids)} events sent, {connector.deliveries} deliveries, {connector.retries} retries, "

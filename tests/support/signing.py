@@ -1,6 +1,8 @@
 """DT's signatures made by hand for the tests: the secret, signed deliveries, tokens with any claims."""
 
 import base64
+import copy
+import functools
 import hashlib
 import hmac
 import json
@@ -11,6 +13,17 @@ import jwt
 from receiver.sample import encode_body, sample_event, sign_body
 
 SECRET = "test-signature-secret-0123456789abcdef"
+
+
+def dt_event(event_id: str) -> dict:
+    """Return the sample event of this id, the same each time it is asked for: DT delivers an event again (a retry,
+    a Synchronize) as it was, with its own timestamp, which schema 5 keys each event by with its id."""
+    return copy.deepcopy(_first_event(event_id))
+
+
+@functools.cache
+def _first_event(event_id: str) -> dict:
+    return sample_event(event_id=event_id)
 
 
 def signed_delivery(event: dict | None = None, secret: str = SECRET, now: float | None = None) -> tuple[bytes, dict]:
