@@ -31,10 +31,11 @@ SAMPLE_DATA = {
 
 
 def sample_event(
-    event_type: str = "temperature", event_id: str | None = None, device_id: str = "emuc2f3h2lbr9a5ks2vncg0"
+    event_type: str = "temperature", event_id: str | None = None, device_id: str = "emuc2f3h2lbr9a5ks2vncg0",
+    at: datetime | None = None,
 ) -> dict[str, Any]:
-    """Return an event shaped like those DT forwards, with a fresh id unless one is given."""
-    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Return an event shaped like those DT forwards, with a fresh id unless one is given, timed now unless `at`."""
+    now = (at or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     project_id = "c0md3mm0c7bet3vico8g"
     return {
         "event": {

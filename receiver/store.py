@@ -288,9 +288,10 @@ class EventStore:
             else:
                 if version >= VERSION:
                     self._partitioned = True
+                    # Said before any delivery can be stored, so that the log reads in the order things happened.
+                    log.info("database ready", extra={"fields": {"schema_version": version}})
                     self._ready.set()
                     self._attempted.set()
-                    log.info("database ready", extra={"fields": {"schema_version": version}})
                     self._fill_readings()
                     return
                 self._attempted.set()  # another process is upgrading: stored as before meanwhile

@@ -122,6 +122,15 @@ def test_send_command_gets_an_event_through(start_server, tmp_path):
     assert unreachable.returncode == 1 and "could not reach" in unreachable.stderr and "Traceback" not in unreachable.stderr
 
 
+def test_send_command_twice_with_one_id_is_stored_then_a_duplicate(start_server, database_url):
+    """The README's `send --event-id same-1`, sent twice to a server with a database: `200 stored`, then `200 duplicate`."""
+    server = start_server(DT_SIGNATURE_SECRET=SECRET, DATABASE_URL=database_url)
+    command = [sys.executable, "-m", "flask", "--app", "app", "send", server.url, "--event-id", "same-1"]
+    answers = [subprocess.run(command, cwd=ROOT, env=server.env, capture_output=True, text=True, timeout=60).stdout
+               for _ in range(2)]
+    assert answers == ["200 stored\n", "200 duplicate\n"]
+
+
 def test_asymmetric_signature_through_the_procfile_server(start_server, issuer):
     """With only DT_ORGANIZATION_ID set, the real server fetches the issuer's keys and accepts DT's ES256 token."""
     server = start_server(DT_ORGANIZATION_ID=ORGANIZATION_ID, DT_ISSUER=issuer.url)
