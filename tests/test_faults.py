@@ -64,6 +64,20 @@ def post(server, event_id: str, timeout: float = ROUTER_SECONDS) -> Answer:
         connection.close()
 
 
+def died(pid: int, seconds: float = 5) -> float:
+    """Return when a process just sent SIGKILL is gone (a zombie or reaped): until then it may still accept a
+    connection, which its death then cuts off."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX":
+                break
+        except (OSError, IndexError):
+            break
+        time.sleep(0.001)
+    return time.monotonic()
+
+
 def worker_pids(server) -> set[int]:
     """Return the pids of the server's gunicorn workers (the children of its master)."""
     found = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True, check=False).stdout
@@ -348,7 +362,7 @@ def test_locked_table_during_reconnects_does_not_stop_deliveries(start_server, d
                 after_terminate = connector.store_on_every_worker(terminated_at)
                 victim = min(workers)
                 os.kill(victim, signal.SIGKILL)
-                killed_at = time.monotonic()
+                killed_at = died(victim)
                 while len(worker_pids(server) - workers) < 1 and time.monotonic() < killed_at + 10:
                     time.sleep(0.05)
                 [new_worker] = worker_pids(server) - workers
