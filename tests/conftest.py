@@ -93,6 +93,12 @@ def start_server(tmp_path):
         server.stop(seconds=30)
 
 
+@pytest.fixture
+def server(start_server):
+    """Return a real Procfile server with the test secret."""
+    return start_server(DT_SIGNATURE_SECRET=SECRET)
+
+
 @pytest.fixture(scope="session")
 def postgres():
     """Return a running PostgreSQL server of the tests' own; without server programs, fail (never skip)."""

@@ -1,6 +1,5 @@
 """Known attacks on a webhook endpoint, each its own test, through the test client and the real server."""
 
-import http.client
 import socket
 import threading
 import time
@@ -10,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import HMACAlgorithm
-from support.server import deliver
+from support.server import deliver, raw_exchange
 from support.signing import SECRET, claims_for, hand_made_hs256, signed_delivery, token_with
 
 from receiver.errors import SignatureError
@@ -109,20 +108,6 @@ def test_body_with_a_utf8_bom(client):
     body = b"\xef\xbb\xbf" + BODY
     assert post(client, body, sign_body(body, SECRET)) == (400, "body is not UTF-8 JSON")
 
-
-def raw_exchange(server, request: bytes) -> tuple[int, str]:
-    """Send raw bytes to the server and return the status and text of its answer."""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as connection:
-        connection.sendall(request)
-        answer = http.client.HTTPResponse(connection)
-        answer.begin()
-        return answer.status, answer.read().decode(errors="replace").strip()
-
-
-@pytest.fixture
-def server(start_server):
-    """Return a real Procfile server with the test secret."""
-    return start_server(DT_SIGNATURE_SECRET=SECRET)
 
 
 def test_ten_megabyte_body(server):

@@ -1,10 +1,9 @@
 """POST / answered by the app's WSGI entry without Flask's request machinery: the same answers Flask gives."""
 
-import http.client
-import socket
 
 import pytest
-from support.signing import SECRET, claims_for, signed_delivery, token_with
+from support.server import raw_exchange
+from support.signing import claims_for, signed_delivery, token_with
 from werkzeug.test import Client
 
 from receiver import create_app, on_event, webhook
@@ -79,20 +78,6 @@ def test_other_requests_still_go_through_flask(client):
     assert (answer.status_code, answer.text) == (404, "no such path: point the Data Connector at this app's root URL, /\n")
     assert client.head("/").status_code == 200
 
-
-def raw_exchange(server, request: bytes) -> tuple[int, str]:
-    """Send raw bytes to the server and return the status and text of its answer."""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as connection:
-        connection.sendall(request)
-        answer = http.client.HTTPResponse(connection)
-        answer.begin()
-        return answer.status, answer.read().decode(errors="replace").strip()
-
-
-@pytest.fixture
-def server(start_server):
-    """Return a real Procfile server with the test secret."""
-    return start_server(DT_SIGNATURE_SECRET=SECRET)
 
 
 def test_malformed_chunk_is_400_not_500(server):

@@ -1,5 +1,6 @@
 """The Procfile's web command run for real on a loopback port, and the one way tests post a delivery."""
 
+import http.client
 import json
 import os
 import signal
@@ -106,3 +107,12 @@ def deliver(target, body: bytes, headers: dict, timeout: float = 30) -> tuple[in
         return target.post(body, headers, timeout)
     answer = target.post("/", data=body, headers=headers)
     return answer.status_code, answer.text
+
+
+def raw_exchange(server: Server, request: bytes) -> tuple[int, str]:
+    """Send raw bytes to the server and return the status and text of its answer."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as connection:
+        connection.sendall(request)
+        answer = http.client.HTTPResponse(connection)
+        answer.begin()
+        return answer.status, answer.read().decode(errors="replace").strip()
