@@ -1,7 +1,7 @@
 """Measure the receiver against the bare-Flask ceiling in interleaved rounds; write the table to docs/performance.md.
 
 Run by hand, never in CI: `python tests/benchmark/benchmark.py` (needs wrk and taskset, and PostgreSQL's
-server programs unless `--no-postgres`; about six minutes, eight with `--compare`). Servers run pinned to
+server programs unless `--no-postgres`; about eight minutes, ten with `--compare`). Servers run pinned to
 core 0 and wrk to core 1, so they do not compete.
 
 Two runs of the same case can differ by a quarter, so no case is measured in one long run: each of
