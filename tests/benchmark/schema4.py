@@ -130,3 +130,29 @@ ON CONFLICT (one) DO UPDATE SET received_at = greatest(dt_last_arrival.received_
 """
 
 SCHEMA_4 = EVENTS_TABLE + READINGS_VIEW + LAST_ARRIVAL_TABLE
+
+# Release 4's inserts of pushed events (receiver/store.py then): a batch as arrays, one event as plain values, each
+# noting in dt_last_arrival, at most once a second, that a new event arrived.
+NOTE_ARRIVAL = """
+noted AS (
+    UPDATE dt_last_arrival SET received_at = now()
+    WHERE (received_at IS NULL OR received_at < now() - interval '1 second') AND EXISTS (SELECT FROM inserted)
+)
+SELECT event_id FROM inserted
+"""
+WRITE = """
+WITH inserted AS (
+    INSERT INTO dt_events (event_id, device_id, event_type, event_time, event)
+    SELECT event_id, device_id, event_type, COALESCE(event_time, now()), event
+    FROM unnest(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::text[])
+         AS batch (event_id, device_id, event_type, event_time, event)
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id
+),""" + NOTE_ARRIVAL  # noqa: S608 (constant text only)
+WRITE_ONE = """
+WITH inserted AS (
+    INSERT INTO dt_events (event_id, device_id, event_type, event_time, event)
+    VALUES (%s, %s, %s, COALESCE(%s, now()), %s)
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id
+),""" + NOTE_ARRIVAL  # noqa: S608 (constant text only)

@@ -30,6 +30,8 @@ from psycopg import sql
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent.parent), str(HERE.parent), str(HERE)]  # the receiver, the tests' support, schema4
 from schema4 import SCHEMA_4  # noqa: E402
+from schema4 import WRITE as RELEASE_4_WRITE  # noqa: E402
+from schema4 import WRITE_ONE as RELEASE_4_WRITE_ONE  # noqa: E402
 from support.postgres import PostgresServer, programs_missing, server_programs  # noqa: E402
 
 from receiver.events import Event, parse_event  # noqa: E402
@@ -37,7 +39,7 @@ from receiver.partitions import ensure_partitions, remove_before  # noqa: E402
 from receiver.readings import KIND_OF, samples_of  # noqa: E402
 from receiver.sample import encode_body, sample_event  # noqa: E402
 from receiver.schema import migrate  # noqa: E402
-from receiver.store import INSERT, DeviceNumbers, event_columns, sample_columns, write_of  # noqa: E402
+from receiver.store import DeviceNumbers, event_columns, sample_columns, write_of  # noqa: E402
 
 PROJECT = "c0md3mm0c7bet3vico8g"
 STAMP = """to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
@@ -284,13 +286,18 @@ def rows_of(batch: list[Event]) -> list[tuple]:
 
 
 def store_today(connection: psycopg.Connection, rows: list[tuple], devices: DeviceNumbers) -> None:
-    """Store a batch as release 4 did: the events alone (its readings were parsed on every query)."""
-    connection.execute(INSERT, event_columns(rows)).fetchall()
+    """Store a batch as release 4 did: the events alone (its readings were parsed on every query), by event id."""
+    rows = sorted(rows, key=lambda row: row[0])
+    if len(rows) == 1:
+        connection.execute(RELEASE_4_WRITE_ONE, rows[0][:5]).fetchall()
+    else:
+        connection.execute(RELEASE_4_WRITE, event_columns(rows)).fetchall()
 
 
 def store_built(connection: psycopg.Connection, rows: list[tuple], devices: DeviceNumbers) -> None:
-    """Store a batch with its readings as the receiver does (EventStore._insert): the devices' numbers, then one
-    statement (WRITE for a batch, WRITE_ONE_SAMPLE for one event of one sample)."""
+    """Store a batch with its readings as the receiver does (EventStore._insert), by event id: the devices' numbers,
+    then one statement (WRITE for a batch, WRITE_ONE_SAMPLE for one event of one sample)."""
+    rows = sorted(rows, key=lambda row: row[0])
     numbers = devices.numbers(connection, {row[1] for row in rows if row[5]})
     query, params = write_of(rows, sample_columns(rows, numbers))
     connection.execute(query, params).fetchall()
