@@ -13,29 +13,6 @@ from .partitions import ensure_partitions
 from .readings import KINDS
 from .upgrade import SAMPLE_ROWS_FUNCTIONS, is_partitioned, prepare_switch, switch
 
-# The table as a new database gets it. Columns are in this order so that a typical event fills no
-# alignment padding: twelve rows of a 560-byte event fit a page instead of eleven. Like every step, it can run
-# again without harm: a table dropped alone leaves its type, and an older release may lower the recorded version.
-EVENTS_TABLE = """
-DO $$ BEGIN
-    IF to_regtype('dt_events_source') IS NULL THEN
-        CREATE TYPE dt_events_source AS ENUM ('connector', 'history');
-    END IF;
-END $$;
-CREATE TABLE IF NOT EXISTS dt_events (
-    event_id    text PRIMARY KEY,
-    device_id   text,
-    event_type  text,
-    source      dt_events_source NOT NULL DEFAULT 'connector',
-    event_time  timestamptz NOT NULL,
-    received_at timestamptz NOT NULL DEFAULT now(),
-    event       text NOT NULL
-);
--- one device over time; all devices over time (events, status, prune)
-CREATE INDEX IF NOT EXISTS dt_events_device_time ON dt_events (device_id, event_time);
-CREATE INDEX IF NOT EXISTS dt_events_time ON dt_events (event_time);
-"""
-
 # dt_readings of schemas 3 and 4 (step 2 -> 3): one row per measured quantity per sample, read from the stored
 # bodies. Only types with readings are parsed (the filter on event_type is on dt_events' own scan, before any
 # parse), each body once (fields are joined to what dt_event_samples returned, so the planner cannot join them

@@ -9,6 +9,7 @@ import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 from support.dt_api import PROJECT, rfc3339_ns
+from support.old_schemas import EVENTS_TABLE_2
 from support.signing import SECRET, signed_delivery
 
 from receiver.sample import encode_body, sign_body
@@ -16,19 +17,7 @@ from receiver.schema import VERSION
 from receiver.upgrade import fill_progress
 
 # The events table and dt_schema as version 2 shipped them (a frozen copy: later steps may change the schema).
-VERSION_2 = """
-CREATE TYPE dt_events_source AS ENUM ('connector', 'history');
-CREATE TABLE dt_events (
-    event_id    text PRIMARY KEY,
-    device_id   text,
-    event_type  text,
-    source      dt_events_source NOT NULL DEFAULT 'connector',
-    event_time  timestamptz NOT NULL,
-    received_at timestamptz NOT NULL DEFAULT now(),
-    event       text NOT NULL
-);
-CREATE INDEX dt_events_device_time ON dt_events (device_id, event_time);
-CREATE INDEX dt_events_time ON dt_events (event_time);
+VERSION_2 = EVENTS_TABLE_2 + """
 CREATE TABLE dt_schema (version integer NOT NULL);
 INSERT INTO dt_schema (version) VALUES (2);
 """

@@ -4,6 +4,7 @@ restored without dt_schema known by its columns, and every step harmless to run 
 import psycopg
 import pytest
 from psycopg.rows import dict_row
+from support.old_schemas import EVENTS_TABLE_2
 from support.signing import signed_delivery
 
 from receiver.sample import sample_event
@@ -11,19 +12,7 @@ from receiver.schema import COMPATIBLE_FROM, LATEST, UPGRADES, VERSION, migrate,
 
 # The events table as versions 2 to 4 have it, without dt_schema or the view: what `pg_dump -t dt_events` restores
 # (the enum type is not in such a dump; the database it is restored into has it from before).
-RESTORED_TABLE = """
-CREATE TYPE dt_events_source AS ENUM ('connector', 'history');
-CREATE TABLE dt_events (
-    event_id    text PRIMARY KEY,
-    device_id   text,
-    event_type  text,
-    source      dt_events_source NOT NULL DEFAULT 'connector',
-    event_time  timestamptz NOT NULL,
-    received_at timestamptz NOT NULL DEFAULT now(),
-    event       text NOT NULL
-);
-CREATE INDEX dt_events_device_time ON dt_events (device_id, event_time);
-CREATE INDEX dt_events_time ON dt_events (event_time);
+RESTORED_TABLE = EVENTS_TABLE_2 + """
 INSERT INTO dt_events (event_id, device_id, event_type, event_time, event)
 VALUES ('restored-1', 'emurestored', 'touch', now(), '{"event": {"data": {"touch": {}}}}');
 """

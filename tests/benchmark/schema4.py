@@ -1,13 +1,15 @@
 """Schema 4 as release 4 built it on a new database (dt_events unpartitioned, dt_readings parsing the bodies),
 and release 4's inserts, for tests/benchmark/year.py's side-by-side.
 
-The tables and the view are the steps receiver/schema.py keeps for upgrading such a database (they stay as
-shipped); only release 4's inserts, which schema 5 replaced, are copied here.
+The table is the tests' frozen copy; the view and dt_last_arrival are the steps receiver/schema.py keeps for
+upgrading such a database (they stay as shipped); release 4's inserts, which schema 5 replaced, are copied here.
 """
 
-from receiver.schema import EVENTS_TABLE, LAST_ARRIVAL_TABLE, READINGS_VIEW
+from support.old_schemas import EVENTS_TABLE_2
 
-SCHEMA_4 = EVENTS_TABLE + READINGS_VIEW + LAST_ARRIVAL_TABLE
+from receiver.schema import LAST_ARRIVAL_TABLE, READINGS_VIEW
+
+SCHEMA_4 = EVENTS_TABLE_2 + READINGS_VIEW + LAST_ARRIVAL_TABLE
 
 # Release 4's inserts of pushed events (receiver/store.py then): a batch as arrays, one event as plain values, each
 # noting in dt_last_arrival, at most once a second, that a new event arrived.
