@@ -53,19 +53,21 @@ def test_status_prints_its_times_in_utc(make_app, tokyo):
     assert f"  emusilent: newest {silent[0]:%Y-%m-%d %H:%M} UTC, usually every 15 min" in lines
 
 
-def test_prune_prints_the_cutoff_it_applies_in_utc(make_app, tokyo):
-    """`prune --older-than` with a +02:00 time prints that instant in UTC, and deletes what is before it alone."""
-    cutoff = datetime(2025, 12, 31, 22, 0, tzinfo=UTC)  # 2026-01-01T00:00:00+02:00
+@pytest.mark.parametrize("given, printed", [("2026-01-01T00:00:00Z", "2026-01-01 00:00:00"),
+                                             ("2026-01-01T00:00:00+02:00", "2025-12-31 22:00:00")])
+def test_prune_prints_the_cutoff_it_applies_in_utc(make_app, tokyo, given, printed):
+    """`prune --older-than` with an RFC 3339 time prints that instant in UTC, deletes the events before it, and keeps
+    the one at that very microsecond."""
+    cutoff = datetime.fromisoformat(given)
     for event_id, moment in (("before", cutoff - timedelta(microseconds=1)), ("at", cutoff),
-                             ("after", cutoff + timedelta(hours=1))):
+                             ("after", cutoff + timedelta(microseconds=1))):
         insert(tokyo, event_id, "emuprune", moment, moment)
     runner = make_app(DATABASE_URL=tokyo).test_cli_runner()
-    dry_run = runner.invoke(args=["prune", "--older-than", "2026-01-01T00:00:00+02:00", "--dry-run"])
-    assert dry_run.stdout.startswith("prune: would delete 1 events from before 2025-12-31 22:00:00 UTC, "), (
-        dry_run.output)
-    result = runner.invoke(args=["prune", "--older-than", "2026-01-01T00:00:00+02:00"])
+    dry_run = runner.invoke(args=["prune", "--older-than", given, "--dry-run"])
+    assert dry_run.stdout.startswith(f"prune: would delete 1 events from before {printed} UTC, "), dry_run.output
+    result = runner.invoke(args=["prune", "--older-than", given])
     assert (result.exit_code, result.stdout) == (
-        0, "prune: removed 1 events from before 2025-12-31 22:00:00 UTC: 0 whole partitions dropped, 0.0 MB given "
+        0, f"prune: removed 1 events from before {printed} UTC: 0 whole partitions dropped, 0.0 MB given "
            "back; 1 deleted in batches, their space reused by new rows\n")
     with psycopg.connect(tokyo) as connection:
         kept = [event_id for event_id, in connection.execute("SELECT event_id FROM dt_events ORDER BY event_time")]
