@@ -97,10 +97,6 @@ class Verifier:
         for claims in claims_of_each_token:
             verify_checksums(claims, body)
 
-    def verify(self, headers: Mapping[str, str], body: bytes) -> None:
-        """Raise a DeliveryError unless every required signature holds for these bytes."""
-        self.verify_body(self.verify_headers(headers), body)
-
 
 def required_header(headers: Mapping[str, str], name: str) -> str:
     """Return a header's value from a case-insensitive mapping, or reject the delivery."""
