@@ -1,6 +1,5 @@
 """GET /health: whether the receiver can do its job right now and events still arrive, for an uptime monitor."""
 
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -89,7 +88,7 @@ def current_problems() -> dict[str, str]:
     problems = {}
     deadline = time.monotonic() + HEALTH_SECONDS - POOL_MARGIN_SECONDS
     if parts.store is not None and (fault := parts.store.check(deadline - time.monotonic())):
-        problems["database"] = unnamed(fault)
+        problems["database"] = fault
     elif parts.store is not None and parts.stale_after is not None:
         if silence := silence_problem(parts.store, parts.stale_after, deadline - time.monotonic()):
             problems["events"] = silence
@@ -103,12 +102,8 @@ def silence_problem(store: EventStore, stale_after: timedelta, wait_seconds: flo
     try:
         age = store.last_arrival(wait_seconds)
     except UnavailableError as error:
-        return unnamed(str(error))
+        return str(error)
     if age is None:
         return "no event from the Data Connector has been stored yet"
     return f"the last event arrived {describe_age(age)} ago" if age > stale_after else None
 
-
-def unnamed(fault: str) -> str:
-    """Return a database fault without the database's name (its fixed forms may hold it): it shows no setting."""
-    return re.sub(r'database "[^"]*"', "the database", fault)
