@@ -362,7 +362,7 @@ def status_lines(report: dict, plan_bytes: int | None, silence_limit: timedelta 
 def fill_line(fill: dict) -> str:
     """Return how far the readings of the events stored before the upgrade to partitions have been filled in."""
     if fill["done"]:
-        return f"readings of the events stored before the upgrade: all filled in ({fill['events']} events)"
+        return f"readings of the events stored before the upgrade: done, {fill['events']} events filled in"
     return (f"readings of the events stored before the upgrade: filling in, newest first: {fill['events']} events "
             f"so far, every one from {utc_text(fill['reached'])} UTC on")
 

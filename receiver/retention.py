@@ -107,8 +107,7 @@ def start(store, settings: Mapping[str, str]) -> None:
     """Start this worker's upkeep beside its store (see keep_up); it ends when stop() is called."""
     STOPPING.clear()
     # The store's own pooled connections: the round counts against the dyno's connection budget.
-    lend = store._connection
-    threading.Thread(target=keep_up, args=(lend, settings, STOPPING), name="dt upkeep", daemon=True).start()
+    threading.Thread(target=keep_up, args=(store.lend, settings, STOPPING), name="dt upkeep", daemon=True).start()
 
 
 def stop() -> None:

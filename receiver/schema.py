@@ -249,8 +249,9 @@ UPGRADES = (
         END IF;
     END $$;
     """, only_adds=False),
-    # 2 -> 3: the readings view (above); version 5 has its own.
-    Step(lambda connection: None if is_partitioned(connection) else connection.execute(READINGS_VIEW), only_adds=True),
+    # 2 -> 3: the readings view (above); version 5 has its own, which an older table restored under it keeps.
+    Step(lambda connection: None if table_exists(connection, "dt_samples") else connection.execute(READINGS_VIEW),
+         only_adds=True),
     # 3 -> 4: the last arrival's row (above).
     Step(LAST_ARRIVAL_TABLE, only_adds=True),
     # 4 -> 5: the partitioned events and the typed readings (receiver/upgrade.py), deliveries flowing throughout.
@@ -259,6 +260,7 @@ UPGRADES = (
 )
 
 VERSION = len(UPGRADES) + 1
+PARTITIONED_FROM = 5  # the first version whose dt_events is partitioned
 
 
 def oldest_writer(steps: tuple[Step, ...]) -> int:
@@ -301,7 +303,8 @@ def recorded(connection: psycopg.Connection) -> tuple[int, int]:
         row = connection.cursor(row_factory=tuple_row).execute(
             "SELECT version, coalesce((to_jsonb(dt_schema) ->> 'compatible_from')::integer, version) FROM dt_schema "
             "ORDER BY version DESC LIMIT 1").fetchone()
-        if row:
+        # A table restored from an older release's dump under a dt_schema of 5 or later is known by its shape.
+        if row and (row[0] < PARTITIONED_FROM or is_partitioned(connection)):
             return row
     return (shape_version(connection),) * 2
 
@@ -345,6 +348,10 @@ def migrate(connection: psycopg.Connection, again: bool = False, wait: bool = Tr
             return version
         if version > 0 and (again or is_partitioned(connection)):
             version = shape_version(connection)  # a partitioned table lowered by an older release: LATEST again
+        if 0 < version < PARTITIONED_FROM:
+            # The switch's lock, taken before any step writes dt_last_arrival's row: a delivery that has inserted
+            # into dt_events and then notes its arrival would otherwise wait on this transaction, and it on them.
+            connection.execute("LOCK TABLE dt_events IN ACCESS EXCLUSIVE MODE")
         for step in [LATEST] if version in (0, VERSION) else [step.sql for step in UPGRADES[version - 1:]]:
             step(connection) if callable(step) else connection.execute(step)
         ensure_partitions(connection, datetime.now(UTC).date())
@@ -374,6 +381,19 @@ def run_before_steps(connection: psycopg.Connection, steps: tuple[Step, ...], wa
     finally:
         connection.execute("SELECT pg_advisory_unlock(hashtext('dt_events upgrade'))")
         connection.autocommit = autocommit
+    return True
+
+
+def may_store_before_switch(connection: psycopg.Connection) -> bool:
+    """Tell whether deliveries may be stored in the unpartitioned table while the upgrade to partitions builds its
+    index (a table of version 3 or 4); a version-3 table first gets the last arrival's row, which they note."""
+    if not 3 <= usable_version(connection) < PARTITIONED_FROM:
+        return False
+    with connection.transaction():
+        connection.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        # Workers start together, and two CREATE TABLE IF NOT EXISTS at once may both try to create it.
+        connection.execute("SELECT pg_advisory_xact_lock(hashtext('dt_last_arrival'))")
+        connection.execute(LAST_ARRIVAL_TABLE)
     return True
 
 

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import gevent
 import psycopg
@@ -20,7 +20,7 @@ from .events import Event
 from .group_commit import GroupCommit
 from .logs import database_fault
 from .readings import samples_of
-from .schema import VERSION, NewerSchemaError, migrate, usable_version
+from .schema import VERSION, NewerSchemaError, may_store_before_switch, migrate
 from .upgrade import fill_one_window
 
 log = logging.getLogger("receiver")
@@ -43,8 +43,10 @@ PREPARE_RETRY_SECONDS = 2
 FILL_PAUSE_SECONDS = 0.05
 FILL_RETRY_SECONDS = 30
 # What a statement raises when the table, a column or its type is not there (a reset database, a restore
-# without the table): the store prepares the table again.
-SCHEMA_LOST = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedObject)
+# without the table), or when the table's key is not schema 5's (an older release's table restored under it):
+# the store prepares the table again.
+SCHEMA_LOST = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn, psycopg.errors.UndefinedObject,
+               psycopg.errors.InvalidColumnReference)
 
 # Schema 5: a batch of timed events and, in the same statement and commit, the readings (receiver/readings.py)
 # of those that were new; a redelivered, raced or backfilled duplicate has the same time, so the same partition,
@@ -55,8 +57,16 @@ readings AS (
     SELECT COALESCE(time::timestamptz, now()), value, value2, device, kind, state, event_id
     FROM unnest(%b::text[], %b::float8[], %b::float8[], %b::int4[], %b::int2[], %b::text[], %b::text[])
          AS sample (time, value, value2, device, kind, state, event_id)
-    WHERE event_id IN (SELECT event_id FROM new)
+    WHERE event_id IN (SELECT event_id FROM new){unwritten}
 )"""
+# An event whose raw copy retention or `prune` has removed is new to dt_events when DT sends it again (Synchronize
+# sends the newest event of each type, however old) or backfill fetches it again: its readings, kept longer, are
+# not written twice. A look per sample, through dt_samples_device_time: so only for events older than this.
+UNWRITTEN = """
+      AND NOT EXISTS (SELECT FROM dt_samples AS kept WHERE kept.device = sample.device
+                      AND kept.time = sample.time::timestamptz AND kept.kind = sample.kind
+                      AND kept.event_id = sample.event_id)"""
+LOOK_FOR_READINGS_BEFORE = timedelta(hours=1)
 NEW_EVENTS = """
 new AS (
     INSERT INTO dt_events (event_id, device_id, event_type, event_time, source, event)
@@ -91,8 +101,11 @@ noted AS (
 # The dt_last_arrival row is noted at most once a second: an update locks the row until its commit, and a write
 # that finds it being updated waits for that commit; a row already noted within the second is not locked at all.
 PUSHED = NEW_EVENTS.format(source="connector", unseen="")
-WRITE = "WITH" + PUSHED + "," + SAMPLES_OF_NEW + "," + NOTE_ARRIVAL + "\nSELECT event_id FROM new"
-WRITE_ONE = "WITH" + NEW_EVENT + "," + SAMPLES_OF_NEW + "," + NOTE_ARRIVAL + "\nSELECT event_id FROM new"
+NEW_SAMPLES = SAMPLES_OF_NEW.format(unwritten="")
+UNWRITTEN_SAMPLES = SAMPLES_OF_NEW.format(unwritten=UNWRITTEN)
+WRITE = "WITH" + PUSHED + "," + NEW_SAMPLES + "," + NOTE_ARRIVAL + "\nSELECT event_id FROM new"
+WRITE_OLD = "WITH" + PUSHED + "," + UNWRITTEN_SAMPLES + "," + NOTE_ARRIVAL + "\nSELECT event_id FROM new"
+WRITE_ONE = "WITH" + NEW_EVENT + "," + NEW_SAMPLES + "," + NOTE_ARRIVAL + "\nSELECT event_id FROM new"
 # Most events have one sample (a temperature, a heartbeat) or none: plain values cost less than arrays.
 ONE_SAMPLE_OF_NEW = """
 readings AS (
@@ -101,23 +114,25 @@ readings AS (
 )"""
 WRITE_ONE_SAMPLE = "WITH" + NEW_EVENT + "," + ONE_SAMPLE_OF_NEW + "," + NOTE_ARRIVAL + "\nSELECT event_id FROM new"
 WRITE_ONE_BARE = "WITH" + NEW_EVENT + "," + NOTE_ARRIVAL + "\nSELECT event_id FROM new"
-WRITE_UNTIMED = "WITH" + NEW_UNTIMED_EVENT + "," + SAMPLES_OF_NEW + "," + NOTE_ARRIVAL + "\nSELECT event_id FROM new"
+WRITE_UNTIMED = "WITH" + NEW_UNTIMED_EVENT + "," + NEW_SAMPLES + "," + NOTE_ARRIVAL + "\nSELECT event_id FROM new"
 # DT's history may write a timestamp differently from the pushed event (a time of the same instant conflicts all
 # the same), so backfill also looks for the id in every partition.
 HISTORY = NEW_EVENTS.format(source="history",
                             unseen="WHERE NOT EXISTS (SELECT FROM dt_events AS s WHERE s.event_id = batch.event_id)")
-WRITE_HISTORY = "WITH" + HISTORY + "," + SAMPLES_OF_NEW + "\nSELECT count(*) FROM new"
+WRITE_HISTORY = "WITH" + HISTORY + "," + UNWRITTEN_SAMPLES + "\nSELECT count(*) FROM new"
 
 # Schemas 3 and 4, while the upgrade to 5 builds its index (receiver/upgrade.py): events alone, their readings
 # filled in behind.
-INSERT = """
-INSERT INTO dt_events (event_id, device_id, event_type, event_time, event)
-SELECT event_id, device_id, event_type, COALESCE(event_time, now()), event
-FROM unnest(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::text[])
-     AS batch (event_id, device_id, event_type, event_time, event)
-ON CONFLICT (event_id) DO NOTHING
-RETURNING event_id
-"""
+NEW_UNPARTITIONED = """
+new AS (
+    INSERT INTO dt_events (event_id, device_id, event_type, event_time, event)
+    SELECT event_id, device_id, event_type, COALESCE(event_time, now()), event
+    FROM unnest(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::text[])
+         AS batch (event_id, device_id, event_type, event_time, event)
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id
+)"""
+INSERT = "WITH" + NEW_UNPARTITIONED + "," + NOTE_ARRIVAL + "\nSELECT event_id FROM new"
 
 # How long ago the Data Connector last pushed a new event (nothing if it never did), for /health and `status`:
 # one row, so backfilled rows, however many and however new, are never read (DT's history says nothing about
@@ -182,6 +197,11 @@ class EventStore:
         with self._connection(wait_seconds) as connection:
             row = connection.execute(LAST_ARRIVAL).fetchone()
         return row[0] if row else None
+
+    def lend(self, wait_seconds: float):
+        """Lend one of this process's pooled connections, for the receiver's upkeep (a context manager; faults
+        as 503s that name their cause, as a delivery meets them)."""
+        return self._connection(wait_seconds)
 
     def note_fault(self, fault: str) -> None:
         """Remember why the database cannot be used; until the table is ready, log each new cause once."""
@@ -274,7 +294,7 @@ class EventStore:
             try:
                 # A pooled connection, so that the check counts against the dyno's connection budget.
                 with self._pool.connection(timeout=CONNECT_TIMEOUT_SECONDS) as connection:
-                    if 3 <= usable_version(connection) < VERSION and not self._ready.is_set():
+                    if not self._ready.is_set() and may_store_before_switch(connection):
                         self._partitioned = False  # stores as before while the upgrade builds its index
                         self._ready.set()
                     # Storing already: leave the upgrade to the process running it, and look again later.
@@ -365,6 +385,8 @@ def sample_columns(rows: list[tuple], devices: dict[str, int]) -> list[list]:
 
 def write_of(timed: list[tuple], samples: list[list]) -> tuple[str, list]:
     """Return the statement that writes these timed rows with their readings, and its parameters."""
+    if min(row[3] for row in timed) < datetime.now(UTC) - LOOK_FOR_READINGS_BEFORE:
+        return WRITE_OLD, event_columns(timed) + samples
     if len(timed) > 1:
         return WRITE, event_columns(timed) + samples
     if len(samples[0]) > 1:

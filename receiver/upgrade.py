@@ -198,8 +198,11 @@ def switch(connection: psycopg.Connection, partitioned_events: str) -> None:
 def fill_one_window(connection: psycopg.Connection) -> str:
     """Fill the readings of one window of legacy rows below the progress mark, one process at a time; return
     'filled', 'busy' (another process is filling) or 'done'. Needs an autocommit connection."""
-    if one(connection, "SELECT to_regclass('dt_readings_fill') IS NULL OR to_regclass('dt_events_legacy') IS NULL"):
-        return "done"  # no upgrade, or retention has dropped the old rows already
+    if one(connection, "SELECT to_regclass('dt_readings_fill') IS NULL"):
+        return "done"  # no upgrade
+    if one(connection, "SELECT to_regclass('dt_events_legacy') IS NULL"):
+        connection.execute("UPDATE dt_readings_fill SET done = true WHERE NOT done")  # retention dropped the old rows
+        return "done"
     with connection.transaction():
         connection.execute(f"SET LOCAL statement_timeout = '{FILL_STATEMENT_TIMEOUT}'")
         if not one(connection, "SELECT pg_try_advisory_xact_lock(hashtext('dt_readings fill'))"):
@@ -227,7 +230,7 @@ def fill_progress(connection: psycopg.Connection) -> dict | None:
     if one(connection, "SELECT to_regclass('dt_readings_fill') IS NULL"):
         return None
     row = connection.cursor(row_factory=tuple_row).execute(
-        "SELECT done, reached, events FROM dt_readings_fill").fetchone()
+        "SELECT done OR to_regclass('dt_events_legacy') IS NULL, reached, events FROM dt_readings_fill").fetchone()
     if row is None:
         return None
     return {"done": row[0], "reached": row[1], "events": row[2]}

@@ -2,6 +2,7 @@
 
 import threading
 import time
+import urllib.request
 from datetime import datetime, timedelta, timezone
 
 import psycopg
@@ -90,12 +91,17 @@ def test_upgrade_from_version_3_while_deliveries_flow_loses_nothing_and_fills_ev
     stop, answers = threading.Event(), []
     with psycopg.connect(database_url) as long_reader:
         long_reader.execute("SELECT count(*) FROM dt_events")  # a snapshot the index build must wait out
-        server = start_server(DT_SIGNATURE_SECRET=SECRET, DATABASE_URL=database_url)
+        server = start_server(DT_SIGNATURE_SECRET=SECRET, DATABASE_URL=database_url, HEALTH_STALE_AFTER="1h")
+        started = query(database_url, "SELECT now()")[0][0]
         deliverer = threading.Thread(target=keep_delivering, args=(server, stop, answers))
         deliverer.start()
         time.sleep(3)
         assert version_of(database_url) == 3  # the upgrade waits; deliveries are stored meanwhile
-        assert [answer for answer in answers if answer[1] == 200]
+        assert [answer for answer in answers if answer[1] == 200], answers[:3]
+        # ... and noted as arrivals, which /health reads.
+        assert query(database_url, "SELECT received_at FROM dt_last_arrival")[0][0] > started
+        with urllib.request.urlopen(server.url + "health", timeout=10) as health:
+            assert health.status == 200
     wait_for(lambda: version_of(database_url) == VERSION, 30, "the switch to schema 5")
     time.sleep(4)  # deliveries after the switch
     stop.set()

@@ -316,13 +316,23 @@ def test_a_round_gives_a_past_day_with_many_rows_in_default_a_partition_of_its_o
 
 def test_status_says_how_far_the_readings_of_an_upgrade_are_filled_in(make_app, database_url):
     """After an upgrade from an older schema, `status` says how far the readings of the older events have come."""
-    from receiver.upgrade import FILL_TABLE
+    from receiver.upgrade import FILL_TABLE, fill_one_window
 
     with connected(database_url) as connection:
         migrate(connection)
         connection.execute(FILL_TABLE)
+        connection.execute("CREATE TABLE dt_events_legacy (LIKE dt_events)")
         connection.execute("INSERT INTO dt_readings_fill (switched_at, reached, events) VALUES "
                            "('2026-12-01T10:00:00Z', '2026-11-20T06:00:00Z', 1234)")
-    result = make_app(DATABASE_URL=database_url).test_cli_runner().invoke(args=["status"])
-    assert result.stdout.splitlines()[-1] == ("readings of the events stored before the upgrade: filling in, newest "
-                                              "first: 1234 events so far, every one from 2026-11-20 06:00:00 UTC on")
+    status = make_app(DATABASE_URL=database_url).test_cli_runner()
+    assert status.invoke(args=["status"]).stdout.splitlines()[-1] == (
+        "readings of the events stored before the upgrade: filling in, newest first: 1234 events so far, every one "
+        "from 2026-11-20 06:00:00 UTC on")
+    # Retention drops the old rows before their turn: the fill is over, and says so, with no receiver running.
+    with connected(database_url) as connection:
+        connection.execute("DROP TABLE dt_events_legacy")
+    assert status.invoke(args=["status"]).stdout.splitlines()[-1] == (
+        "readings of the events stored before the upgrade: done, 1234 events filled in")
+    with connected(database_url) as connection:
+        assert fill_one_window(connection) == "done"
+        assert scalar(database_url, "SELECT done FROM dt_readings_fill") is True

@@ -113,6 +113,32 @@ def test_duplicates_at_a_day_boundary_and_months_old_events_are_stored_once(make
     assert rows(database_url, "SELECT time FROM dt_readings WHERE event_id = 'months-old'") == [(cases["months-old"],)]
 
 
+def test_an_event_past_events_retention_sent_again_is_stored_but_its_readings_are_not_written_twice(
+        make_app, database_url):
+    """Readings outlive raw events: once `prune --older-than` (as retention) has removed a months-old event's raw
+    copy, a Synchronize sending it again, or a backfill fetching it again, stores the event but not its readings
+    (one humidity sample: two readings); a fresh event from the same device still gets its own."""
+    app = make_app(DATABASE_URL=database_url)
+    old_at = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(days=90)
+    old = dt_body("humidity", {"humidity": {"temperature": 21.5, "relativeHumidity": 40,
+                                            "updateTime": rfc3339_ns(old_at)}}, old_at, "synchronized")
+    assert deliver(app.test_client(), *signed_delivery(old)) == (200, "stored\n")
+    result = app.test_cli_runner().invoke(args=["prune", "--older-than", "31d"])
+    assert result.exit_code == 0 and rows(database_url, "SELECT count(*) FROM dt_events") == [(0,)], result.output
+
+    assert deliver(app.test_client(), *signed_delivery(old)) == (200, "stored\n")  # sent again by a Synchronize
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        connection.execute("DELETE FROM dt_events")  # the next retention round
+        assert queries.add_history(connection, [old["event"]]) == 1
+    fresh_at = datetime.now(timezone.utc) - timedelta(minutes=5)
+    fresh = dt_body("humidity", {"humidity": {"temperature": 22, "relativeHumidity": 41,
+                                              "updateTime": rfc3339_ns(fresh_at)}}, fresh_at, "fresh")
+    assert deliver(app.test_client(), *signed_delivery(fresh)) == (200, "stored\n")
+    assert rows(database_url, "SELECT event_id, name, value FROM dt_readings ORDER BY event_id, name") == [
+        ("fresh", "relativeHumidity", 41), ("fresh", "temperature", 22),
+        ("synchronized", "relativeHumidity", 40), ("synchronized", "temperature", 21.5)]
+
+
 def test_an_event_without_a_timestamp_delivered_twice_is_stored_once(make_app, database_url):
     """An event with no timestamp (stored at the time it arrives) or an unreadable one, delivered again, even by two
     workers at once, is found in whatever partition holds it: one row, its readings once."""
