@@ -194,23 +194,31 @@ def build_built(connection: psycopg.Connection, sensors: int, days: int, end: da
     connection.execute("INSERT INTO dt_devices (device_id) SELECT 'c' || substr(md5('device' || s), 1, 19)"
                        " FROM generate_series(1, %s) AS s", (sensors,))
     figures = {"load seconds": seed(connection, [SEED_EVENTS, SEED_SAMPLES], sensors, days, end)}
-    check_readings(connection)
+    if differing := differing_readings(connection):
+        sys.exit(f"year.py: the readings of event {differing[0]} are not what the receiver writes")
     return figures
 
 
-def check_readings(connection: psycopg.Connection) -> None:
-    """Stop, in one line, unless the stored readings of some events are what the receiver's ingest writes of them."""
+def differing_readings(connection: psycopg.Connection, checked: int = CHECKED_EVENTS) -> list[str]:
+    """Return the ids of those of `checked` random stored events whose readings in dt_samples are not what the
+    receiver's ingest writes of their bodies."""
     devices = dict(connection.execute("SELECT device, device_id FROM dt_devices").fetchall())
-    events = connection.execute("SELECT event FROM dt_events ORDER BY random() LIMIT %s", (CHECKED_EVENTS,))
+    events = connection.execute("SELECT event FROM dt_events ORDER BY random() LIMIT %s", (checked,))
+    differing = []
     for (text,) in events.fetchall():
         event = parse_event(text.encode())
         stored = connection.execute("SELECT time, value, value2, device, kind, state FROM dt_samples"
                                     " WHERE event_id = %s AND time = %s", (event.event_id, event.time)).fetchall()
-        written = [(datetime.fromisoformat(s.time), s.value, s.value2, event.device_id, s.kind, s.state)
-                   for s in samples_of(event)]
         if [(at, value, value2, devices[device], kind, state)
-                for at, value, value2, device, kind, state in stored] != written:
-            sys.exit(f"year.py: the readings of event {event.event_id} are not what the receiver writes")
+                for at, value, value2, device, kind, state in stored] != written_readings(event):
+            differing.append(event.event_id)
+    return differing
+
+
+def written_readings(event: Event) -> list[tuple]:
+    """Return the readings the receiver's ingest writes of an event: (time, value, value2, device id, kind, state)."""
+    return [(datetime.fromisoformat(s.time), s.value, s.value2, event.device_id, s.kind, s.state)
+            for s in samples_of(event)]
 
 
 def count(connection: psycopg.Connection, query: str) -> int:
@@ -413,6 +421,8 @@ def shown(value) -> str:
     """Return a figure as the table shows it."""
     if value is None:
         return "-"
+    if isinstance(value, str):
+        return value
     if isinstance(value, int):
         return f"{value:,}"
     return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
