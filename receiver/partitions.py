@@ -81,10 +81,14 @@ def ahead(today: date) -> list[tuple[str, datetime, datetime]]:
               for n in range(EVENT_DAYS_AHEAD + 1)]
     month = today.replace(day=1)
     for _ in range(SAMPLE_MONTHS_AHEAD + 1):
-        following = (month + timedelta(days=32)).replace(day=1)
-        wanted.append((SAMPLES, midnight(month), midnight(following)))
-        month = following
+        wanted.append((SAMPLES, midnight(month), midnight(next_month(month))))
+        month = next_month(month)
     return wanted
+
+
+def next_month(day: date) -> date:
+    """Return the first day of the month after a day's."""
+    return (day.replace(day=1) + timedelta(days=32)).replace(day=1)
 
 
 def ensure_partitions(connection: psycopg.Connection, today: date) -> list[str]:
@@ -99,6 +103,24 @@ def ensure_partitions(connection: psycopg.Connection, today: date) -> list[str]:
             continue
         if attach_new_partition(connection, table, since, until):
             made.append(partition_name(table, since.date()))
+    return made
+
+
+def ensure_sample_months(connection: psycopg.Connection, since: datetime, until: datetime) -> list[str]:
+    """Make the readings' partitions of the months from since to until that do not exist yet (the DEFAULT
+    partition's rows of each moved in); return the names of those made. One made by another process at the same
+    moment counts as there."""
+    made, existing = [], partitions(connection, SAMPLES)
+    month = since.astimezone(UTC).date().replace(day=1)
+    while existing and midnight(month) < until:
+        start, end = midnight(month), midnight(next_month(month))
+        if not any(overlaps(partition, start, end) for partition in existing):
+            try:
+                if attach_new_partition(connection, SAMPLES, start, end):
+                    made.append(partition_name(SAMPLES, month))
+            except (psycopg.errors.DuplicateTable, psycopg.errors.UniqueViolation):
+                pass
+        month = next_month(month)
     return made
 
 
@@ -150,8 +172,7 @@ def carve_default(connection: psycopg.Connection, table: str, today: date) -> li
     while len(made) < CARVE_PER_ROUND and (first := one_value(connection, first_after, (after, end))) is not None:
         day = first.astimezone(UTC).date()
         since = midnight(day if table == EVENTS else day.replace(day=1))
-        until = midnight(day + timedelta(days=1) if table == EVENTS else (day.replace(day=1) + timedelta(days=32))
-                         .replace(day=1))
+        until = midnight(day + timedelta(days=1) if table == EVENTS else next_month(day))
         after = until
         if one_value(connection, rows_up_to, (since, until, CARVE_AT_LEAST_ROWS)) < CARVE_AT_LEAST_ROWS or any(
                 overlaps(partition, since, until) for partition in partitions(connection, table)):

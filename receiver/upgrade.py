@@ -13,6 +13,8 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
+from .partitions import ensure_sample_months
+
 # The readings of one stored body, by the same rules as receiver/readings.py: for filling in behind (and for
 # rows written by other tools: `INSERT INTO dt_samples SELECT ... FROM dt_events, dt_sample_rows(...)`).
 SAMPLE_ROWS_FUNCTIONS = r"""
@@ -203,25 +205,41 @@ def fill_one_window(connection: psycopg.Connection) -> str:
     if one(connection, "SELECT to_regclass('dt_events_legacy') IS NULL"):
         connection.execute("UPDATE dt_readings_fill SET done = true WHERE NOT done")  # retention dropped the old rows
         return "done"
-    with connection.transaction():
-        connection.execute(f"SET LOCAL statement_timeout = '{FILL_STATEMENT_TIMEOUT}'")
-        if not one(connection, "SELECT pg_try_advisory_xact_lock(hashtext('dt_readings fill'))"):
-            return "busy"
-        row = connection.cursor(row_factory=tuple_row).execute(
-            "SELECT switched_at, reached, done FROM dt_readings_fill").fetchone()
-        if row is None or row[2]:
+    if not one(connection, "SELECT pg_try_advisory_lock(hashtext('dt_readings fill'))"):
+        return "busy"
+    try:
+        window = next_window(connection)
+        if window is None:
             return "done"
-        switched_at, reached, _ = row
-        newest = one(connection, "SELECT max(event_time) FROM dt_events_legacy WHERE event_time < %s", (reached,))
-        if newest is None:
-            connection.execute("UPDATE dt_readings_fill SET done = true")
-            return "done"
-        since = newest - timedelta(seconds=FILL_WINDOW_SECONDS)
-        params = {"since": since, "until": reached, "switched_at": switched_at}
-        connection.execute(FILL_DEVICES, params)
-        events = one(connection, FILL_SAMPLES, params)
-        connection.execute("UPDATE dt_readings_fill SET reached = %s, events = events + %s", (since, events))
-    return "filled"
+        # Each in a commit of its own, before the window's: the devices, since a delivery's first event of one waits
+        # for the commit that adds it; the partitions of the readings' months, since the upkeep, moving rows out of
+        # DEFAULT into a new one, would fail a window's rows bound for DEFAULT.
+        with connection.transaction():
+            connection.execute(f"SET LOCAL statement_timeout = '{FILL_STATEMENT_TIMEOUT}'")
+            connection.execute(FILL_DEVICES, window)
+        ensure_sample_months(connection, window["since"], window["until"])
+        with connection.transaction():
+            connection.execute(f"SET LOCAL statement_timeout = '{FILL_STATEMENT_TIMEOUT}'")
+            events = one(connection, FILL_SAMPLES, window)
+            connection.execute("UPDATE dt_readings_fill SET reached = %s, events = events + %s",
+                               (window["since"], events))
+        return "filled"
+    finally:
+        connection.execute("SELECT pg_advisory_unlock(hashtext('dt_readings fill'))")
+
+
+def next_window(connection: psycopg.Connection) -> dict | None:
+    """Return the next window of legacy rows to fill (since, until, switched_at); None once every row is filled."""
+    row = connection.cursor(row_factory=tuple_row).execute(
+        "SELECT switched_at, reached, done FROM dt_readings_fill").fetchone()
+    if row is None or row[2]:
+        return None
+    switched_at, reached, _ = row
+    newest = one(connection, "SELECT max(event_time) FROM dt_events_legacy WHERE event_time < %s", (reached,))
+    if newest is None:
+        connection.execute("UPDATE dt_readings_fill SET done = true")
+        return None
+    return {"since": newest - timedelta(seconds=FILL_WINDOW_SECONDS), "until": reached, "switched_at": switched_at}
 
 
 def fill_progress(connection: psycopg.Connection) -> dict | None:

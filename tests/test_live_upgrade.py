@@ -29,7 +29,7 @@ def version_3_database(database_url: str, now: datetime) -> dict[str, dict]:
                                     event_id=f"old-{event_type}")
     rows = []
     for n in range(OLD_EVENTS):
-        when = now - timedelta(seconds=60 * n)
+        when = now - timedelta(seconds=60 * n) if n else now - timedelta(days=40)  # one of a month without partitions
         body = sample_event(event_id=f"old-{n:05d}", device_id=f"emuold{n % 50:03d}")
         body["event"]["timestamp"] = body["event"]["data"]["temperature"]["updateTime"] = rfc3339_ns(when)
         body["event"]["data"]["temperature"]["samples"][0]["sampleTime"] = rfc3339_ns(when)
@@ -120,6 +120,11 @@ def test_upgrade_from_version_3_while_deliveries_flow_loses_nothing_and_fills_ev
                                   "(SELECT count(*) FROM dt_samples AS s WHERE s.event_id = e.event_id) <> 1")
     assert without == []
     assert query(database_url, "SELECT count(*) FROM dt_events WHERE event_type = 'temperature'")[0][0] >= OLD_EVENTS
+    # The fill gave that month's readings a partition before writing them: none wait in DEFAULT, for the upkeep to
+    # move out of it while the fill writes there.
+    assert query(database_url, "SELECT tableoid::regclass::text FROM dt_samples WHERE event_id = 'old-00000'") == [
+        (f"dt_samples_p{now - timedelta(days=40):%Y%m}",)]
+    assert query(database_url, "SELECT count(*) FROM dt_samples_default") == [(0,)]
     for event_type, (_, expected) in all_types(now - timedelta(hours=5)).items():
         found = query(database_url, "SELECT name, value, state, unit, time FROM dt_readings WHERE event_id = %s "
                                     "ORDER BY name, time", (f"old-{event_type}",))
