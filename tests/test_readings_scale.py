@@ -117,8 +117,10 @@ def test_documented_readings_query_reads_dt_samples_through_its_index(scale_tabl
 
 
 # Each chart query: its place among them, the index it must use, and how many rows it finds in the seed: the
-# hours of a week with the device's temperatures.
-CHARTS = {"one sensor's week": (0, "dt_samples_device_time", range(100, 170))}
+# hours of a week with the device's temperatures; of 50 temperature sensors, the hours of the day with temperatures
+# (about 19 each: the seed gives a device temperatures and heartbeats in turn, 100 events each).
+CHARTS = {"one sensor's week": (0, "dt_samples_device_time", range(100, 170)),
+          "every sensor's day": (1, "dt_samples_time", range(850, 1051))}
 
 
 @pytest.mark.parametrize("number, index, rows", CHARTS.values(), ids=CHARTS.keys())
