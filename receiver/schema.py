@@ -154,6 +154,20 @@ CREATE INDEX IF NOT EXISTS dt_events_time ON dt_events (event_time);
 CREATE TABLE IF NOT EXISTS dt_events_default PARTITION OF dt_events DEFAULT;
 """
 
+
+
+def constant(part: str | int | None) -> str:
+    """Return a kind's field as an SQL constant."""
+    return "NULL" if part is None else str(part) if isinstance(part, int) else f"'{part}'"
+
+
+def second_numbers() -> str:
+    """Return the types with a second number as a UNION ALL of constant rows (kind, event_type, name, unit)."""
+    return "\n    UNION ALL ".join(
+        f"SELECT {kind.number}::smallint, {constant(kind.event_type)}::text, {constant(kind.name2)}::text, "
+        f"{constant(kind.unit2)}::text" for kind in KINDS if kind.field2)
+
+
 # The readings, typed at ingest (receiver/readings.py) in the same statement as their event: one narrow row per
 # sample, a small number per device and per type, monthly partitions of the sample's time (dt_samples_pYYYYMM).
 # A sample's second number (humidity's relativeHumidity, networkStatus's rssi) is in value2.
@@ -167,8 +181,7 @@ CREATE TABLE IF NOT EXISTS dt_reading_kinds (
     field text, name text NOT NULL, unit text, field2 text, name2 text, unit2 text
 );
 INSERT INTO dt_reading_kinds VALUES """ + ",\n    ".join(
-    "(" + ", ".join("NULL" if part is None else str(part) if isinstance(part, int) else f"'{part}'" for part in kind)
-    + ")" for kind in KINDS) + """
+    "(" + ", ".join(constant(part) for part in kind) + ")" for kind in KINDS) + """
 ON CONFLICT (kind) DO NOTHING;
 -- Columns in this order so a row pads nothing.
 CREATE TABLE IF NOT EXISTS dt_samples (
@@ -185,7 +198,10 @@ CREATE INDEX IF NOT EXISTS dt_samples_time ON dt_samples USING brin (time);
 CREATE TABLE IF NOT EXISTS dt_samples_default PARTITION OF dt_samples DEFAULT;
 
 -- dt_readings keeps its columns; a filter on time, device_id or name reaches dt_samples' indexes and reads no
--- body. The second number is a branch of its own, so that a filter on name drops a branch.
+-- body. The second number is a branch of its own, whose names are constants rather than dt_reading_kinds' name2:
+-- a filter on a name or a type none of them has (a chart of temperatures) then drops the branch as the query is
+-- planned. Costed as a second walk over the same samples, it would lead the planner to start parallel workers
+-- for one sensor's chart, which cost more than the chart itself.
 DROP VIEW IF EXISTS dt_readings;
 CREATE VIEW dt_readings AS
 SELECT s.event_id, d.device_id, k.event_type, s.time, k.name, s.value, s.state, k.unit
@@ -194,10 +210,10 @@ JOIN dt_devices AS d ON d.device = s.device
 JOIN dt_reading_kinds AS k ON k.kind = s.kind
 WHERE s.value IS NOT NULL OR s.state IS NOT NULL
 UNION ALL
-SELECT s.event_id, d.device_id, k.event_type, s.time, k.name2, s.value2, NULL, k.unit2
+SELECT s.event_id, d.device_id, k.event_type, s.time, k.name, s.value2, NULL, k.unit
 FROM dt_samples AS s
 JOIN dt_devices AS d ON d.device = s.device
-JOIN dt_reading_kinds AS k ON k.kind = s.kind
+JOIN (""" + second_numbers() + """) AS k (kind, event_type, name, unit) ON k.kind = s.kind
 WHERE s.value2 IS NOT NULL;
 COMMENT ON VIEW dt_readings IS
     'One row per measured quantity per sample of the stored DT events; filter on time to use an index';

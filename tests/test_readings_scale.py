@@ -1,5 +1,6 @@
 """dt_readings and `export` on 100,000 events: the documented queries' plans, and export's memory and time."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from support.docs import documented_queries, index_roots, plan_nodes
+from support.docs import chart_queries, documented_queries, index_roots, plan_nodes
 from support.server import ROOT
 
 from receiver.schema import LAST_ARRIVAL_TABLE, migrate
@@ -111,6 +112,34 @@ def test_documented_readings_query_reads_dt_samples_through_its_index(scale_tabl
     scans = [node for node in plan_nodes(plan) if node.get("Relation Name") in holding]
     assert scans and all(node["Node Type"] != "Seq Scan" for node in scans), plan_outline(plan)
     assert not [node for node in plan_nodes(plan) if node.get("Relation Name", "").startswith("dt_events")]
+    assert index in {roots.get(node.get("Index Name")) for node in plan_nodes(plan)}, plan_outline(plan)
+    assert len(found) in rows, found
+
+
+# Each chart query: its place among them, the index it must use, and how many rows it finds in the seed: the
+# hours of a week with the device's temperatures; of 50 temperature sensors, the hours of the day with temperatures
+# (about 19 each: the seed gives a device temperatures and heartbeats in turn, 100 events each).
+CHARTS = {"one sensor's week": (0, "dt_samples_device_time", range(100, 170)),
+          "every sensor's day": (1, "dt_samples_time", range(850, 1051))}
+
+
+@pytest.mark.parametrize("number, index, rows", CHARTS.values(), ids=CHARTS.keys())
+def test_a_chart_of_one_name_walks_the_samples_once(scale_table, number, index, rows, capsys, request):
+    """Each chart of temperatures docs/database.md gives walks dt_samples once, through an index: the view's branch
+    of second numbers (relativeHumidity, rssi) is not in the plan at all, so the planner weighs no second walk of
+    the same samples (which led it to start parallel workers for one sensor's week); it finds what the seed holds."""
+    query = chart_queries()[number]
+    with psycopg.connect(scale_table) as connection:
+        [[[explained]]] = connection.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + query).fetchall()
+        found = connection.execute(query).fetchall()
+        roots = index_roots(connection)
+    plan = explained["Plan"]
+    with capsys.disabled():
+        print(f"\n{request.node.callspec.id} ({explained['Execution Time']:.1f} ms):\n{plan_outline(plan)}")
+    scanned = [node["Relation Name"] for node in plan_nodes(plan) if node.get("Relation Name", "").startswith(
+        "dt_samples")]
+    assert scanned and len(scanned) == len(set(scanned)), plan_outline(plan)
+    assert "value2" not in json.dumps(plan), plan_outline(plan)
     assert index in {roots.get(node.get("Index Name")) for node in plan_nodes(plan)}, plan_outline(plan)
     assert len(found) in rows, found
 

@@ -91,14 +91,15 @@ JOIN dt_devices AS d ON d.device_id = chosen.device
 ORDER BY at
 """  # noqa: S608 (constant text only)
 
-# The charts of docs/database.md, asked of dt_readings; {window} is the column each schema's docs filter on.
+# The charts of docs/database.md, asked of dt_readings; {window} is the column each schema's docs filter on. A window
+# over every sensor is in hours, as docs/database.md advises; one sensor's is in days, as its Dataclip example has it.
 QUERIES = {
     "every sensor's hourly average, last day": """
         SELECT device_id, date_trunc('hour', time) AS hour, avg(value) FROM dt_readings
-        WHERE name = 'temperature' AND {window} >= now() - interval '1 day' GROUP BY device_id, hour""",
+        WHERE name = 'temperature' AND {window} >= now() - interval '24 hours' GROUP BY device_id, hour""",
     "every sensor's hourly average, last 7 days": """
         SELECT device_id, date_trunc('hour', time) AS hour, avg(value) FROM dt_readings
-        WHERE name = 'temperature' AND {window} >= now() - interval '7 days' GROUP BY device_id, hour""",
+        WHERE name = 'temperature' AND {window} >= now() - interval '168 hours' GROUP BY device_id, hour""",
     "one device's temperatures over a day": """
         SELECT time, value FROM dt_readings
         WHERE device_id = %(device)s AND name = 'temperature' AND {window} >= now() - interval '1 day'
@@ -109,14 +110,14 @@ QUERIES = {
         GROUP BY hour ORDER BY hour""",
     "the latest temperature of each device (last day)": """
         SELECT DISTINCT ON (device_id) device_id, time, value FROM dt_readings
-        WHERE name = 'temperature' AND {window} >= now() - interval '1 day'
+        WHERE name = 'temperature' AND {window} >= now() - interval '24 hours'
         ORDER BY device_id, time DESC""",
     # Its other form: one short walk back along (device, time) per device, from dt_devices. Schema 5 only.
     "the latest temperature of each device, one index walk per device": {"built": """
         SELECT d.device_id, latest.time, latest.value FROM dt_devices AS d
         CROSS JOIN LATERAL (SELECT time, value FROM dt_readings AS r
                             WHERE r.device_id = d.device_id AND r.name = 'temperature'
-                              AND r.time >= now() - interval '1 day' ORDER BY r.time DESC LIMIT 1) AS latest"""},
+                              AND r.time >= now() - interval '24 hours' ORDER BY r.time DESC LIMIT 1) AS latest"""},
 }
 WINDOW_COLUMN = {"today": "event_time", "built": "time"}
 NEW_EVENTS = 400  # stored per round when timing the insert of new events

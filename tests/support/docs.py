@@ -13,6 +13,12 @@ def documented_queries(block: int, until: str = "now()") -> list[str]:
     return [query for query in examples.split(";") if query.strip()]
 
 
+def chart_queries() -> list[str]:
+    """Return the queries docs/database.md gives for charts: its indented ``` blocks that name no language."""
+    blocks = re.findall(r"\n  ```\n(.*?)\n  ```", (ROOT / "docs" / "database.md").read_text(), re.DOTALL)
+    return [block.replace("\n  ", "\n").strip().rstrip(";") for block in blocks]
+
+
 def plan_nodes(plan: dict):
     """Yield every node of an EXPLAIN plan, top first."""
     yield plan
