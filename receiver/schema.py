@@ -155,7 +155,6 @@ CREATE TABLE IF NOT EXISTS dt_events_default PARTITION OF dt_events DEFAULT;
 """
 
 
-
 def constant(part: str | int | None) -> str:
     """Return a kind's field as an SQL constant."""
     return "NULL" if part is None else str(part) if isinstance(part, int) else f"'{part}'"
@@ -171,7 +170,7 @@ def second_numbers() -> str:
 # The readings, typed at ingest (receiver/readings.py) in the same statement as their event: one narrow row per
 # sample, a small number per device and per type, monthly partitions of the sample's time (dt_samples_pYYYYMM).
 # A sample's second number (humidity's relativeHumidity, networkStatus's rssi) is in value2.
-SAMPLES = """
+SAMPLE_TABLES = """
 CREATE TABLE IF NOT EXISTS dt_devices (
     device    integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     device_id text NOT NULL UNIQUE
@@ -196,14 +195,24 @@ CREATE TABLE IF NOT EXISTS dt_samples (
 CREATE INDEX IF NOT EXISTS dt_samples_device_time ON dt_samples (device, time);
 CREATE INDEX IF NOT EXISTS dt_samples_time ON dt_samples USING brin (time);
 CREATE TABLE IF NOT EXISTS dt_samples_default PARTITION OF dt_samples DEFAULT;
-
+DROP FUNCTION IF EXISTS dt_event_samples(text, text, timestamptz);
+DROP FUNCTION IF EXISTS dt_reading_fields();
+"""
+# Release 2-4's view (whose columns differ) is dropped; the typed one is replaced in place, so that the grants a
+# dashboard's credential was given on it stay.
+TYPED_READINGS_VIEW = """
+DO $$ BEGIN
+    IF EXISTS (SELECT FROM information_schema.columns WHERE table_schema = current_schema()
+               AND table_name = 'dt_readings' AND column_name = 'event_time') THEN
+        DROP VIEW dt_readings;
+    END IF;
+END $$;
 -- dt_readings keeps its columns; a filter on time, device_id or name reaches dt_samples' indexes and reads no
 -- body. The second number is a branch of its own, whose names are constants rather than dt_reading_kinds' name2:
 -- a filter on a name or a type none of them has (a chart of temperatures) then drops the branch as the query is
 -- planned. Costed as a second walk over the same samples, it would lead the planner to start parallel workers
 -- for one sensor's chart, which cost more than the chart itself.
-DROP VIEW IF EXISTS dt_readings;
-CREATE VIEW dt_readings AS
+CREATE OR REPLACE VIEW dt_readings AS
 SELECT s.event_id, d.device_id, k.event_type, s.time, k.name, s.value, s.state, k.unit
 FROM dt_samples AS s
 JOIN dt_devices AS d ON d.device = s.device
@@ -217,11 +226,12 @@ JOIN (""" + second_numbers() + """) AS k (kind, event_type, name, unit) ON k.kin
 WHERE s.value2 IS NOT NULL;
 COMMENT ON VIEW dt_readings IS
     'One row per measured quantity per sample of the stored DT events; filter on time to use an index';
-DROP FUNCTION IF EXISTS dt_event_samples(text, text, timestamptz);
-DROP FUNCTION IF EXISTS dt_reading_fields();
 """
 
-# A new database gets the latest schema at once; an upgrade that replaces the view must change this too.
+SAMPLES = SAMPLE_TABLES + TYPED_READINGS_VIEW
+
+# A new database gets the latest schema at once, and so does a partitioned one whose version is older (every part
+# of it runs again without harm); an upgrade that replaces the view must change this too.
 LATEST = PARTITIONED_EVENTS + SAMPLES + SAMPLE_ROWS_FUNCTIONS + LAST_ARRIVAL_TABLE
 
 
@@ -273,6 +283,8 @@ UPGRADES = (
     # 4 -> 5: the partitioned events and the typed readings (receiver/upgrade.py), deliveries flowing throughout.
     # Release 4's inserts name ON CONFLICT (event_id), which no unique index of the partitioned table matches.
     Step(lambda connection: switch_to_partitions(connection), only_adds=False, before=prepare_switch),
+    # 5 -> 6: the view's second numbers named by constants (above), so that a chart of one name walks dt_samples once.
+    Step(TYPED_READINGS_VIEW, only_adds=True),
 )
 
 VERSION = len(UPGRADES) + 1
@@ -326,11 +338,11 @@ def recorded(connection: psycopg.Connection) -> tuple[int, int]:
 
 
 def shape_version(connection: psycopg.Connection) -> int:
-    """Return the version an existing table's shape tells: a partitioned one is version 5's; an unpartitioned one
-    without `source` is the first release's. The steps from 2 to 4 leave the columns as they are, and run again
-    without harm (a table restored by pg_dump -t dt_events)."""
+    """Return the version an existing table's shape tells: a partitioned one is version 5's (or later: LATEST runs
+    again); an unpartitioned one without `source` is the first release's. The steps from 2 to 4 leave the columns
+    as they are, and run again without harm (a table restored by pg_dump -t dt_events)."""
     if is_partitioned(connection):
-        return 5
+        return PARTITIONED_FROM
     has_source = scalar(connection, "SELECT EXISTS (SELECT FROM information_schema.columns WHERE table_schema = "
                                     "current_schema() AND table_name = 'dt_events' AND column_name = 'source')")
     return 2 if has_source else 1
@@ -368,7 +380,8 @@ def migrate(connection: psycopg.Connection, again: bool = False, wait: bool = Tr
             # The switch's lock, taken before any step writes dt_last_arrival's row: a delivery that has inserted
             # into dt_events and then notes its arrival would otherwise wait on this transaction, and it on them.
             connection.execute("LOCK TABLE dt_events IN ACCESS EXCLUSIVE MODE")
-        for step in [LATEST] if version in (0, VERSION) else [step.sql for step in UPGRADES[version - 1:]]:
+        for step in [LATEST] if version == 0 or version >= PARTITIONED_FROM else [
+                step.sql for step in UPGRADES[version - 1:]]:
             step(connection) if callable(step) else connection.execute(step)
         ensure_partitions(connection, datetime.now(UTC).date())
         record_version(connection)

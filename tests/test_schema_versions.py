@@ -4,7 +4,7 @@ restored without dt_schema known by its columns, and every step harmless to run 
 import psycopg
 import pytest
 from psycopg.rows import dict_row
-from support.old_schemas import EVENTS_TABLE_2
+from support.old_schemas import EVENTS_TABLE_2, READINGS_VIEW_5
 from support.signing import signed_delivery
 
 from receiver.sample import sample_event
@@ -155,3 +155,33 @@ def test_the_last_arrival_row_is_caught_up_from_pushed_rows_at_the_upgrade_and_a
         migrate(connection)
     [by_older] = query(database_url, "SELECT received_at FROM dt_events WHERE event_id = 'by-older'")
     assert last_arrival(database_url) == [by_older]
+
+
+def test_release_5s_view_is_replaced_in_place_and_a_dashboards_grant_stays(make_app, database_url):
+    """A schema-5 database with release 5's view and a dashboard's credential granted SELECT on it is brought to this
+    release's view (a chart of temperatures no longer joins the second numbers' kinds) and keeps the grant, also
+    when the table is lost and prepared again; its readings read the same."""
+    role = f"dashboard_{abs(hash(database_url)) % 10**8}"
+    query(database_url, f"DROP ROLE IF EXISTS {role}")
+    query(database_url, f"CREATE ROLE {role}")
+    try:
+        with psycopg.connect(database_url, autocommit=True) as connection:
+            migrate(connection)
+            connection.execute(READINGS_VIEW_5)
+            connection.execute(f"GRANT SELECT ON dt_readings TO {role}")
+            connection.execute("UPDATE dt_schema SET version = 5, compatible_from = 5")
+        app = make_app(DATABASE_URL=database_url)
+        assert deliver(app, "under-5") == (200, "stored")
+        readings = query(database_url, "SELECT * FROM dt_readings ORDER BY name")
+        for again in (False, True):
+            with psycopg.connect(database_url, autocommit=True) as connection:
+                assert migrate(connection, again) == VERSION
+            assert query(database_url, "SELECT version, compatible_from FROM dt_schema") == [
+                {"version": VERSION, "compatible_from": COMPATIBLE_FROM}]
+            assert "name2" not in query(database_url, "SELECT pg_get_viewdef('dt_readings') AS d")[0]["d"]
+            assert query(database_url, "SELECT has_table_privilege(%s, 'dt_readings', 'SELECT') AS p", role) == [
+                {"p": True}]
+            assert query(database_url, "SELECT * FROM dt_readings ORDER BY name") == readings and readings
+    finally:
+        query(database_url, f"DROP OWNED BY {role}")
+        query(database_url, f"DROP ROLE {role}")
