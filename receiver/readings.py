@@ -49,6 +49,9 @@ KIND_OF = {kind.event_type: kind for kind in KINDS}
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")
 TINY = re.compile(r"[eE]-0*[0-9]{3}")  # an exponent that may read as zero
 ESCAPE = re.compile(r"(\\+)u([0-9a-fA-F]{4})")
+SMALLEST = Decimal("1e-307")  # a number nearer zero than this is refused
+# Between these, a number read as a float passes every check of as_number, and its text, read exactly, would too.
+SAFE_LOW, SAFE_HIGH = 1e-306, 1e307
 
 
 class Sample(NamedTuple):
@@ -68,28 +71,54 @@ def samples_of(event: Event) -> list[Sample]:
     a body jsonb would refuse (a \\u0000, a lone surrogate) gives none at all, as the readings always have."""
     kind = KIND_OF.get(event.event_type)
     data = event.data
-    if kind and TINY.search(event.text):  # Python reads 1e-400 as 0.0: read the numbers exactly to tell
-        data = json.loads(event.text, parse_float=Decimal)["event"].get("data")
     data = data.get(kind.event_type) if kind and isinstance(data, dict) else None
     if not isinstance(data, dict) or ("\\u" in event.text and jsonb_refuses(event.text)):
         return []
+    rows, unsure = read_samples(kind, data, event)
+    # Python reads 1e-400 as 0.0: only a number read near zero (or near the top of the range) may have been
+    # written so, and only a body that writes such an exponent is read again, its numbers exactly, to tell.
+    if unsure and TINY.search(event.text):
+        exact = json.loads(event.text, parse_float=Decimal)["event"]["data"][kind.event_type]
+        rows, _ = read_samples(kind, exact, event)
+    return rows
+
+
+def read_samples(kind: Kind, data: dict, event: Event) -> tuple[list[Sample], bool]:
+    """Return the readings of data[eventType], and whether a number among them may not be read exactly."""
     samples = data.get("samples")
     samples = samples if isinstance(samples, list) and samples else [data]
-    fallback = event.time.isoformat() if event.time else None
+    fallback = None
     rows = []
+    unsure = False
     for sample in samples:
         if not isinstance(sample, dict):
             continue
         given = sample.get("sampleTime")
         given = data.get("updateTime") if given is None else given
-        if given is not None and not is_time(given):
+        if given is None:
+            fallback = fallback or event_time_text(event)
+        elif not is_time(given):
             continue
-        value = 1.0 if kind.shape == "event" else as_number(sample.get(kind.field)) if kind.shape == "number" else None
-        value2 = as_number(sample.get(kind.field2)) if kind.field2 else None
-        state = sample.get(kind.field) if kind.shape == "state" and isinstance(sample.get(kind.field), str) else None
+        value = value2 = state = None
+        if kind.shape == "number":
+            value = as_number(first := sample.get(kind.field))
+            unsure = unsure or near_limits(first)
+        elif kind.shape == "event":
+            value = 1.0
+        elif isinstance(sample.get(kind.field), str):
+            state = sample.get(kind.field)
+        if kind.field2:
+            value2 = as_number(second := sample.get(kind.field2))
+            unsure = unsure or near_limits(second)
         if value is not None or value2 is not None or state is not None:
             rows.append(Sample(fallback if given is None else given, value, value2, kind.number, state))
-    return rows
+    return rows, unsure
+
+
+def event_time_text(event: Event) -> str | None:
+    """Return the event's own time as RFC 3339 text, if it has one."""
+    moment = event.time
+    return moment.isoformat() if moment else None
 
 
 def is_time(given) -> bool:
@@ -100,15 +129,22 @@ def is_time(given) -> bool:
 def as_number(field) -> float | None:
     """Return a JSON number as double precision, exactly as Python read it; None for anything else, and for a
     number beyond double precision's range or too near zero for it (a Decimal, read again, tells which)."""
+    if type(field) is float and SAFE_LOW < abs(field) < SAFE_HIGH:  # the usual case, which every check passes
+        return field
     if isinstance(field, bool) or not isinstance(field, int | float | Decimal):
         return None
     try:
         number = float(field)
     except OverflowError:
         return None
-    if not math.isfinite(number) or abs(field) >= 1e308 or (field != 0 and abs(field) <= Decimal("1e-307")):
+    if not math.isfinite(number) or abs(field) >= 1e308 or (field != 0 and abs(field) <= SMALLEST):
         return None
     return number
+
+
+def near_limits(field) -> bool:
+    """Tell whether a number Python read as a float is so near zero, or so large, that its text may read otherwise."""
+    return type(field) is float and not SAFE_LOW < abs(field) < SAFE_HIGH
 
 
 def jsonb_refuses(text: str) -> bool:

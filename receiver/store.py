@@ -15,6 +15,7 @@ import psycopg
 from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from .arrays import FloatArray, IntArray, SmallIntArray, TextArray, TimeArray
 from .errors import ConfigError, UnavailableError
 from .events import Event
 from .group_commit import GroupCommit
@@ -367,13 +368,14 @@ class DeviceNumbers:
 
 def event_columns(rows: list[tuple]) -> list[list]:
     """Return the event columns of rows (event id, device id, type, time, body) as arrays."""
-    return [list(column) for column in zip(*(row[:5] for row in rows), strict=True)]
+    event_ids, device_ids, event_types, times, bodies = zip(*(row[:5] for row in rows), strict=True)
+    return [TextArray(event_ids), TextArray(device_ids), TextArray(event_types), TimeArray(times), TextArray(bodies)]
 
 
 def sample_columns(rows: list[tuple], devices: dict[str, int]) -> list[list]:
     """Return the readings of rows as the arrays dt_samples takes: time, value, value2, device, kind, state,
     event id. An event with no device id has no readings (dt_readings names each reading's device)."""
-    columns = [[], [], [], [], [], [], []]
+    columns = [TextArray(), FloatArray(), FloatArray(), IntArray(), SmallIntArray(), TextArray(), TextArray()]
     for row in rows:
         device = devices.get(row[1]) if row[1] is not None else None
         for sample in row[5] if device is not None else ():

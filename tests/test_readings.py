@@ -2,7 +2,7 @@
 
 import json
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import psycopg
 import pytest
@@ -12,6 +12,8 @@ from support.dt_api import PROJECT, rfc3339_ns
 from support.old_schemas import EVENTS_TABLE_2
 from support.signing import SECRET, signed_delivery
 
+from receiver.events import parse_event
+from receiver.readings import samples_of
 from receiver.sample import encode_body, sign_body
 from receiver.schema import VERSION
 from receiver.upgrade import fill_progress
@@ -161,6 +163,36 @@ def test_odd_body_gives_no_readings_and_no_error(make_app, database_url, event_t
     with psycopg.connect(database_url) as connection:
         found = connection.execute("SELECT event_id, count(*) FROM dt_readings GROUP BY event_id").fetchall()
     assert dict(found) == ({"good-1": 1, "odd-1": left} if left else {"good-1": 1})
+
+
+# Each: the number written in the body (and a label beside it), and the value of the reading it gives, if any.
+NEAR_LIMITS = {
+    "a zero": ("0.0", "plain", 0.0),
+    "a zero beside a label that writes a tiny exponent": ("0.0", "1e-400", 0.0),
+    "a number Python reads as zero": ("1e-400", "plain", None),
+    "a tiny exponent with leading zeros": ("-1E-0400", "plain", None),
+    "a number below double precision's normal range": ("1e-310", "plain", None),
+    "the largest double, over 1e308": ("1.7976931348623157e308", "plain", None),
+    "a number that reads as 1e308 only when rounded": ("99999999999999999999" + "0" * 388 + "e-100", "plain", 1e308),
+    "an ordinary number beside a tiny exponent": ("21.5", "1e-400", 21.5),
+}
+
+
+@pytest.mark.parametrize("number, label, value", NEAR_LIMITS.values(), ids=NEAR_LIMITS.keys())
+def test_numbers_near_the_limits_are_read_exactly(number, label, value):
+    """A number is read as the JSON text writes it, not as Python rounds it: one that rounds to zero or to a double
+    over the range gives no reading, a real zero does, and a tiny exponent elsewhere in the body changes nothing,
+    in the first number of a sample and in its second (networkStatus's rssi) alike."""
+    now = datetime.now(UTC)
+    for event_type, data, field in (("co2", {"ppm": 1, "updateTime": rfc3339_ns(now)}, "ppm"),
+                                    ("networkStatus", {"signalStrength": 73, "rssi": 1, "updateTime": rfc3339_ns(now)},
+                                     "rssi")):
+        body = odd(event_type, data, now, "near-1").replace(f'"{field}":1,'.encode(), f'"{field}":{number},'.encode())
+        body = body.replace(f'"{event_type} sensor"'.encode(), f'"{label}"'.encode())
+        samples = samples_of(parse_event(body))
+        readings_of_field = [sample.value if field == "ppm" else sample.value2 for sample in samples]
+        # co2 has no reading without its number; networkStatus keeps its signalStrength, with no rssi
+        assert readings_of_field == ([] if value is None and field == "ppm" else [value]), event_type
 
 
 def test_body_that_is_not_json_gives_no_readings(make_app, database_url):

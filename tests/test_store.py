@@ -17,6 +17,7 @@ from support.docs import documented_queries
 from support.postgres import database_name
 from support.signing import SECRET, signed_delivery
 
+from receiver.arrays import FloatArray, IntArray, SmallIntArray, TextArray, TimeArray
 from receiver.sample import encode_body, sample_event, sign_body
 from receiver.store import connection_options
 
@@ -41,6 +42,21 @@ def test_stored_row_matches_the_event(make_app, database_url, log_lines):
     assert row["event"] == body.decode()  # the body exactly as received
     assert row["received_at"] is not None
     assert [line["msg"] for line in log_lines() if line["msg"].startswith("event")] == ["event stored"]
+
+
+def test_the_stores_columns_reach_postgresql_as_their_array_types(database_url):
+    """Each column class the store writes is sent as its PostgreSQL array type, whatever its values: small numbers
+    as int4 all the same, NULLs, text in any script, and an empty column."""
+    moment = datetime.fromisoformat("2026-12-05T10:00:00.123456+09:00")
+    columns = [TextArray(["a", None, "Ålesund – ☃"]), FloatArray([21.45, None, -0.0]), IntArray([1, None, 2**31 - 1]),
+               SmallIntArray([1, None, 17]), TimeArray([moment, None]), TextArray()]
+    with psycopg.connect(database_url) as connection:
+        found = connection.execute("SELECT " + ", ".join(["%b, pg_typeof(%b)::text"] * len(columns)),
+                                   [value for column in columns for value in (column, column)]).fetchone()
+    assert list(found) == [part for column, name in zip(columns, ("text[]", "double precision[]", "integer[]",
+                                                                   "smallint[]", "timestamp with time zone[]",
+                                                                   "text[]"), strict=True)
+                           for part in (list(column), name)]
 
 
 def test_heroku_style_url_works(make_app, database_url):
