@@ -27,6 +27,10 @@ cwd=DIR from its own virtual environment (made once per requirements.txt and Pyt
 the others, given the same WEB_CONCURRENCY, the same signed deliveries and the same secret in
 DT_SIGNATURE_SECRET (the variable DT's published example reads). That example answers no GET /, so
 for that case any HTTP answer (a 405 too) means it is up. Every server binds 127.0.0.1 only.
+
+`--baseline DIR` adds another checkout of this receiver (the commit before a change, say) as a Postgres case
+at every size, run from this environment with a database of its own, so that a change to the stored path is
+measured against what it changes in the same interleaved rounds: the table gives both against log only.
 """
 
 import argparse
@@ -314,6 +318,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--size", action="append", choices=SIZES, help="only these body sizes (repeatable)")
     parser.add_argument("--no-postgres", action="store_true", help="skip the Postgres case")
     parser.add_argument("--compare", metavar="DIR", help="also run this app folder's Procfile web command")
+    parser.add_argument("--baseline", metavar="DIR", help="also run another checkout of this receiver, stored")
     parser.add_argument("--print-only", action="store_true", help="print the table, leave docs/performance.md alone")
     return parser.parse_args()
 
@@ -333,6 +338,11 @@ def make_cases(args, folder: Path, postgres: PostgresServer | None, compare: Pat
             databases[size_label] = new_database(postgres, f"bench_{size}_{int(time.time())}")
             cases.append(Case(size_label, STORED, web_command(ROOT), deliveries, count,
                               settings={"DATABASE_URL": databases[size_label]}))
+        if postgres is not None and args.baseline:
+            baseline = Path(args.baseline).resolve()
+            cases.append(Case(size_label, f"{baseline.name}, Postgres", web_command(baseline), deliveries, count,
+                              folder=baseline,
+                              settings={"DATABASE_URL": new_database(postgres, f"base_{size}_{int(time.time())}")}))
         if compare:
             cases.append(comparison_case(compare, size_label, deliveries, count))
     return cases, databases
@@ -353,7 +363,8 @@ def report(cases: list[Case], args, compare: Path | None, durability: str) -> st
     """Return the table of medians and the notes that say how it was made."""
     command = (f"python tests/benchmark/benchmark.py --rounds {args.rounds} --seconds {args.seconds} "
                f"--connections {args.connections} --workers {args.workers}"
-               + (f" --compare {args.compare}" if args.compare else ""))
+               + (f" --compare {args.compare}" if args.compare else "")
+               + (f" --baseline {args.baseline}" if args.baseline else ""))
     results = [summary(case) for case in cases]
     by_label = {result["label"]: result for result in results}
 
@@ -372,6 +383,10 @@ def report(cases: list[Case], args, compare: Path | None, durability: str) -> st
     if durability:
         sizes = sorted({case.size for case in cases if "DATABASE_URL" in case.settings}, key=list(SIZES).index)
         ratios = ", ".join(f"{rate(size, STORED) / rate(size, LOG_ONLY):.2f} at {size}" for size in sizes)
+        if args.baseline:
+            baseline = f"{Path(args.baseline).resolve().name}, Postgres"
+            ratios += " (" + ", ".join(f"{rate(size, baseline) / rate(size, LOG_ONLY):.2f} at {size}"
+                                       for size in sizes) + f" for {baseline})"
         notes.append(f"Postgres / log only: {ratios} of the events/s; {durability}.")
     return table(results, compare.name if compare else None) + "\n\n" + " ".join(notes)
 
