@@ -84,8 +84,8 @@ CREATE TABLE IF NOT EXISTS dt_readings_fill (
 );
 """
 
-# One window of legacy rows (an hour of event_time, ending where the last one began): their devices, then their
-# readings, then the progress, in one transaction, so that a window is filled exactly once whatever stops it.
+# One window of legacy rows (an hour of event_time, ending where the last one began): their devices first, then
+# their readings and the progress in one transaction, so that a window is filled exactly once whatever stops it.
 FILL_DEVICES = """
 INSERT INTO dt_devices (device_id)
 SELECT DISTINCT device_id FROM dt_events_legacy
