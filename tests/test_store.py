@@ -154,9 +154,10 @@ def test_events_command_without_database_says_so(runner):
     assert result.exit_code != 0 and "set DATABASE_URL" in result.output
 
 
-# What a delivery is told while the database is down: a pooled connection the shutdown ended, or no connection to be had.
+# What a delivery is told while the database is down: a pooled connection the shutdown ended, or no connection to be
+# had, named by the last fault the worker saw (a lost connection, until a new one is refused).
 OUTAGE_REASONS = {"database error: AdminShutdown", "database error: connection lost",
-                  "database unavailable: connection refused",
+                  "database unavailable: connection refused", "database unavailable: connection lost",
                   "database unavailable: database shutting down", "database unavailable: database starting up"}
 
 
