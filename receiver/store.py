@@ -239,8 +239,7 @@ class EventStore:
         cycle); return the ids that were new. Of two rows with one id, the first is written."""
         unique = sorted({row[0]: row for row in reversed(rows)}.values(), key=lambda row: row[0])
         if not partitioned:
-            columns = [list(column) for column in zip(*(row[:5] for row in unique), strict=True)]
-            return {event_id for (event_id,) in insert_keeping_odd_text(connection, INSERT, columns)}
+            return {event_id for (event_id,) in insert_keeping_odd_text(connection, INSERT, event_columns(unique))}
         devices = self._devices.numbers(connection, {row[1] for row in unique if row[5] and row[1] is not None})
         timed = [row for row in unique if row[3] is not None]
         new = set()
