@@ -1,4 +1,5 @@
-"""The upgrade of a version-3 events table to schema 5 on a running receiver, deliveries flowing throughout."""
+"""The upgrades of a running receiver's database, deliveries flowing throughout: a version-3 events table to the
+partitioned layout, and release 5's schema to this release's."""
 
 import threading
 import time
@@ -7,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import psycopg
 from support.dt_api import rfc3339_ns
+from support.old_schemas import READINGS_VIEW_5
 from support.signing import SECRET, signed_delivery
 from test_readings import VERSION_2, all_types, dt_body
 
@@ -130,3 +132,36 @@ def test_upgrade_from_version_3_while_deliveries_flow_loses_nothing_and_fills_ev
                                     "ORDER BY name, time", (f"old-{event_type}",))
         assert found == sorted(expected, key=lambda row: (row[0], row[4])), event_type
     assert typed
+
+
+def test_upgrade_from_version_5_by_a_new_dyno_while_deliveries_flow_loses_nothing(start_server, database_url):
+    """A database as release 5 leaves it (its readings view, version 5), receiving deliveries through a running
+    server, is brought to this release's schema by a second server starting beside it (a deploy's new dyno): every
+    delivery meanwhile is answered 200 within 10 s and stored once with its reading, through the new view."""
+    first = start_server(DT_SIGNATURE_SECRET=SECRET, DATABASE_URL=database_url)
+    assert first.post(*signed_delivery(sample_event(event_id="before-5")))[0] == 200
+    with psycopg.connect(database_url, autocommit=True) as connection:
+        connection.execute(READINGS_VIEW_5)
+        connection.execute("UPDATE dt_schema SET version = 5, compatible_from = 5")
+    stop, answers = threading.Event(), []
+    deliverer = threading.Thread(target=keep_delivering, args=(first, stop, answers))
+    deliverer.start()
+    try:
+        time.sleep(1)
+        start_server(DT_SIGNATURE_SECRET=SECRET, DATABASE_URL=database_url)
+        wait_for(lambda: version_of(database_url) == VERSION, 30, "the upgrade to this release's schema")
+        time.sleep(2)  # deliveries after it
+    finally:
+        stop.set()
+        deliverer.join(30)
+
+    late = [answer for answer in answers if answer[1] != 200 or answer[3] > LONGEST_ANSWER_SECONDS]
+    assert not late and len(answers) > 20, late
+    delivered = [event_id for event_id, _, _, _ in answers]
+    stored = dict(query(database_url, "SELECT event_id, count(*) FROM dt_events WHERE event_id = ANY(%s) GROUP BY 1",
+                        (delivered,)))
+    assert stored == dict.fromkeys(delivered, 1)
+    assert "name2" not in query(database_url, "SELECT pg_get_viewdef('dt_readings')")[0][0]
+    readings = dict(query(database_url, "SELECT event_id, count(*) FROM dt_readings WHERE event_id = ANY(%s) "
+                                        "GROUP BY 1", (delivered,)))
+    assert readings == dict.fromkeys(delivered, 1)
